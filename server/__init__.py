@@ -1,0 +1,12 @@
+"""mlxd: an OpenAI-compatible local inference server on Apple MLX.
+
+Importing the package preloads an optimized BLAS on Linux CPU builds of MLX
+(see :mod:`server.backend`). That has to happen before the first ``import mlx``
+anywhere in the process, which is why it lives here rather than in the CLI.
+"""
+
+from server.backend import preload_blas
+
+__version__ = "0.1.0"
+
+preload_blas()

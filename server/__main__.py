@@ -1,0 +1,303 @@
+"""The ``mlxd`` command line: serve, models, pull, import-gguf, doctor, bench, random-model."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import server
+from server.config import ConfigError, Settings, load_models
+from server.errors import MlxdError
+
+log = logging.getLogger("mlxd")
+
+
+class _LogFormatter(logging.Formatter):
+    """``time level logger: message`` with extra key=value fields, one event per line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = self.formatTime(record, "%H:%M:%S")
+        text = f"{stamp} {record.levelname.lower():7} {record.name}: {record.getMessage()}"
+        if record.exc_info:
+            text += "\n" + self.formatException(record.exc_info)
+        return text
+
+
+def setup_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_LogFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    for noisy in ("httpx", "huggingface_hub", "sse_starlette"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return Settings.from_env(
+        host=getattr(args, "host", None),
+        port=getattr(args, "port", None),
+        config_path=Path(args.config).expanduser() if getattr(args, "config", None) else None,
+        default_model=getattr(args, "model", None),
+        memory_budget=getattr(args, "memory_budget", None),
+        preload=True if getattr(args, "preload", False) else None,
+        keep_alive=getattr(args, "keep_alive", None),
+        log_level=getattr(args, "log_level", None),
+    )
+
+
+def banner(settings: Settings, model_id: str, model_dir: Path) -> str:
+    from server.backend import backend_info
+    from server.memory import compute_budget, format_size, parse_size, take_snapshot
+
+    snapshot = take_snapshot()
+    override = parse_size(settings.memory_budget) if settings.memory_budget else None
+    budget = compute_budget(snapshot, settings.memory_reserve, override)
+    url = f"http://{settings.host}:{settings.port}/v1"
+    rows = [
+        ("model", f"{model_id}  ({model_dir})"),
+        ("backend", backend_info().describe()),
+        ("memory", f"budget {format_size(budget.limit)}  ({budget.basis}), "
+                   f"{format_size(snapshot.available)} available now"),
+        ("models", str(settings.config_path)),
+        ("url", url),
+    ]  # fmt: skip
+    width = max(len(k) for k, _ in rows)
+    lines = [f"mlxd {server.__version__}"] + [f"  {k:<{width}}  {v}" for k, v in rows]
+    lines.append(f"  try: curl {url}/chat/completions -H 'Content-Type: application/json' \\")
+    lines.append(
+        f'         -d \'{{"model": "{model_id}", "messages": [{{"role": "user", '
+        '"content": "Hello!"}]}\''
+    )
+    return "\n".join(lines)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from server.app import create_app
+
+    settings = _settings(args)
+    setup_logging(settings.log_level)
+    app = create_app(settings)
+    state = app.state.mlxd
+    default = state.registry.default
+    # Import/download the default model before listening, with progress bars on the terminal,
+    # so the first request does not pay for it.
+    model_dir = state.registry.prepare_sync(default, progress=True)
+    print(banner(settings, default.id, model_dir), file=sys.stderr, flush=True)
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level="warning" if settings.log_level == "info" else settings.log_level,
+        access_log=False,
+        timeout_graceful_shutdown=5,
+    )
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from server.registry import Registry
+    from server.sources import ModelSources
+
+    settings = _settings(args)
+    models = load_models(settings.config_path)
+    registry = Registry(models, ModelSources(settings.home, settings.config_path.parent))
+    default = registry.default.id
+    rows = []
+    for entry in registry.entries:
+        present = "yes" if registry.is_present(entry) else "no"
+        source = entry.source.model_dump()
+        rows.append(
+            (entry.id + (" *" if entry.id == default else ""), present, ",".join(entry.tags),
+             ", ".join(f"{k}={v}" for k, v in source.items()))
+        )  # fmt: skip
+    if args.json:
+        print(json.dumps([dict(zip(("id", "present", "tags", "source"), r)) for r in rows]))
+        return 0
+    header = ("ID", "LOCAL", "TAGS", "SOURCE")
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(4)]
+    for row in [header, *rows]:
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+    print("(* default)")
+    return 0
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    from server.registry import Registry
+    from server.sources import ModelSources
+
+    settings = _settings(args)
+    registry = Registry(
+        load_models(settings.config_path), ModelSources(settings.home, settings.config_path.parent)
+    )
+    names = args.ids or [registry.default.id]
+    for name in names:
+        entry = registry.get(name)
+        path = registry.prepare_sync(entry, progress=True)
+        print(f"{entry.id}: {path}")
+    return 0
+
+
+def cmd_import_gguf(args: argparse.Namespace) -> int:
+    from server.gguf import import_gguf
+
+    settings = _settings(args)
+    src = Path(args.file).expanduser()
+    out = Path(args.out).expanduser() if args.out else settings.models_dir / src.stem
+    path = import_gguf(src, out, dtype=args.dtype, progress=True)
+    print(path)
+    return 0
+
+
+def doctor_report(settings: Settings) -> dict[str, Any]:
+    from server.backend import backend_info
+    from server.memory import compute_budget, format_size, take_snapshot
+
+    report: dict[str, Any] = {"mlxd": server.__version__, "python": sys.version.split()[0]}
+    for dist in ("mlx", "mlx-lm", "mlx-cpu", "mlx-cuda-13", "mlx-metal", "fastapi", "uvicorn"):
+        try:
+            report[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    info = backend_info()
+    report["backend"] = info.describe()
+    needed = {
+        "mlx_lm.generate": ["generate_step", "stream_generate"],
+        "mlx_lm.sample_utils": ["make_sampler", "make_logits_processors"],
+        "mlx_lm.models.cache": ["make_prompt_cache", "trim_prompt_cache"],
+        "mlx_lm.utils": ["load_model", "load_tokenizer"],
+    }
+    missing = []
+    for module_name, names in needed.items():
+        module = __import__(module_name, fromlist=names)
+        missing += [f"{module_name}.{n}" for n in names if not hasattr(module, n)]
+    report["mlx_lm_api"] = "ok" if not missing else f"MISSING: {', '.join(missing)}"
+    snapshot = take_snapshot()
+    budget = compute_budget(snapshot, settings.memory_reserve)
+    report["memory"] = {
+        "total": format_size(snapshot.total),
+        "available": format_size(snapshot.available),
+        "swap_used": format_size(snapshot.swap_used),
+        "budget": f"{format_size(budget.limit)} ({budget.basis})",
+        "source": snapshot.source,
+    }
+    try:
+        from server.registry import Registry
+        from server.sources import ModelSources
+
+        registry = Registry(
+            load_models(settings.config_path),
+            ModelSources(settings.home, settings.config_path.parent),
+        )
+        report["models"] = {
+            e.id: ("present" if registry.is_present(e) else "not downloaded")
+            for e in registry.entries
+        }
+    except ConfigError as exc:
+        report["models"] = f"config error: {exc}"
+    report["config"] = str(settings.config_path)
+    report["home"] = str(settings.home)
+    return report
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    report = doctor_report(_settings(args))
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    for key, value in report.items():
+        if isinstance(value, dict):
+            print(f"{key}:")
+            for k, v in value.items():
+                print(f"  {k:<24} {v}")
+        else:
+            print(f"{key:<26} {value}")
+    return 0 if report["mlx_lm_api"] == "ok" else 1
+
+
+def cmd_bench(rest: list[str]) -> int:
+    from server.bench import main as bench_main
+
+    return bench_main(rest)
+
+
+def cmd_random_model(rest: list[str]) -> int:
+    from server.random_model import main as random_main
+
+    return random_main(rest)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mlxd", description=__doc__)
+    p.add_argument("--version", action="version", version=f"mlxd {server.__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--config", help="models.yaml path (default: ./models.yaml, MLXD_CONFIG)")
+
+    s = sub.add_parser("serve", help="start the OpenAI-compatible server")
+    common(s)
+    s.add_argument("--host", help="bind address (default 127.0.0.1)")
+    s.add_argument("--port", type=int, help="port (default 8080, or PORT / MLXD_PORT)")
+    s.add_argument("--model", help="default model id or alias (prepared before listening)")
+    s.add_argument("--memory-budget", help="cap mlxd's memory, e.g. 6GB (MLXD_MEMORY_BUDGET)")
+    s.add_argument("--preload", action="store_true", help="load the default model at startup")
+    s.add_argument("--keep-alive", help="unload an idle model after this long, e.g. 10m")
+    s.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    s.set_defaults(func=cmd_serve)
+
+    m = sub.add_parser("models", help="list configured models and whether they are local")
+    common(m)
+    m.add_argument("--json", action="store_true")
+    m.set_defaults(func=cmd_models)
+
+    pl = sub.add_parser("pull", help="download/import configured models (default: the default)")
+    common(pl)
+    pl.add_argument("ids", nargs="*")
+    pl.set_defaults(func=cmd_pull)
+
+    g = sub.add_parser("import-gguf", help="convert a GGUF file into an MLX model directory")
+    g.add_argument("file")
+    g.add_argument("--out", help="output directory (default: $MLXD_HOME/models/<name>)")
+    g.add_argument("--dtype", choices=["float32", "float16", "bfloat16", "quantized"])
+    g.set_defaults(func=cmd_import_gguf)
+
+    d = sub.add_parser("doctor", help="platform, backend, versions, memory and models")
+    common(d)
+    d.add_argument("--json", action="store_true")
+    d.set_defaults(func=cmd_doctor)
+
+    sub.add_parser("bench", help="benchmark servers against in-process mlx-lm (see --help)",
+                   add_help=False)  # fmt: skip
+    sub.add_parser("random-model", help="build a random-weight Qwen3 model (tests, benchmarks)",
+                   add_help=False)  # fmt: skip
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # bench and random-model own their arguments; hand them everything after the subcommand.
+    if argv and argv[0] == "bench":
+        return cmd_bench(argv[1:])
+    if argv and argv[0] == "random-model":
+        return cmd_random_model(argv[1:])
+    args = parser().parse_args(argv)
+    try:
+        result: int = args.func(args)
+        return result
+    except (ConfigError, MlxdError) as exc:
+        print(f"mlxd: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,392 @@
+"""The chat service: one path from an OpenAI request to a stream of deltas.
+
+request ─► resolve model ─► render chat template ─► count tokens, check context
+        ─► lease the model (swap/wait/reject) ─► engine ─► stop strings ─► <think> splitter
+        ─► tool-call parser ─► ``Delta`` … ``Finish``
+
+Streaming and non-streaming responses are both built from this one stream (the route folds it
+into a single completion or frames it as SSE), so the two can never disagree. Nothing here
+imports FastAPI.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from server.config import ModelEntry, parse_duration
+from server.engine import Engine, GenerationRequest, SamplingParams
+from server.errors import BadRequest, ContextLengthExceeded
+from server.manager import ModelManager
+from server.parsers.forcing import BanTokens, PrefixForcer, forced_prefix, tool_call_format
+from server.parsers.hermes import HermesToolParser, ToolCallDelta
+from server.parsers.reasoning import ThinkSplitter, prompt_opens_reasoning
+from server.protocol import ChatRequest, Message, NamedToolChoice, completion_id, now
+from server.registry import Registry
+from server.stops import StopMatcher
+
+log = logging.getLogger("mlxd.chat")
+
+OPENAI_DEFAULTS = SamplingParams(temperature=1.0, top_p=1.0)
+
+
+@dataclass
+class Delta:
+    content: str = ""
+    reasoning: str = ""
+    tool_calls: list[ToolCallDelta] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.content or self.reasoning or self.tool_calls)
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+
+
+@dataclass(frozen=True)
+class Finish:
+    reason: str
+    usage: Usage
+
+
+@dataclass
+class Prepared:
+    """A request that passed validation: rendered, counted, and ready to be admitted."""
+
+    entry: ModelEntry
+    prompt: list[int]
+    prompt_text: str
+    max_tokens: int
+    sampling: SamplingParams
+    stops: list[str]
+    tokenizer: Any
+    think: bool
+    starts_in_reasoning: bool
+    tools: list[dict[str, Any]] | None
+    processors: list[Any]
+    ignore_eos: bool
+    keep_alive: float | None | str
+
+
+class ChatRun:
+    """One admitted request. Iterate ``events()`` exactly once; ``aclose()`` is idempotent."""
+
+    def __init__(
+        self,
+        prepared: Prepared,
+        engine: Engine,
+        exit_stack: contextlib.AsyncExitStack,
+        on_finish: Callable[[ChatRun, Finish], None] | None = None,
+    ) -> None:
+        self.id = completion_id()
+        self.created = now()
+        self.prepared = prepared
+        self.model = prepared.entry.id
+        self._engine = engine
+        self._stack = exit_stack
+        self._on_finish = on_finish
+        self.request = GenerationRequest(
+            prompt=prepared.prompt,
+            max_tokens=prepared.max_tokens,
+            sampling=prepared.sampling,
+            tokenizer=prepared.tokenizer,
+            ignore_eos=prepared.ignore_eos,
+            extra_processors=prepared.processors,
+        )
+        self.first_token_at: float | None = None
+        self.started_at = time.perf_counter()
+
+    def cancel(self, reason: str = "cancelled") -> None:
+        self.request.cancel_reason = reason
+        self.request.cancel.set()
+
+    async def aclose(self) -> None:
+        self.request.cancel.set()
+        await self._stack.aclose()
+
+    async def events(self) -> AsyncIterator[Delta | Finish]:
+        p = self.prepared
+        stops = StopMatcher(p.stops)
+        think = ThinkSplitter(start_in_reasoning=p.starts_in_reasoning) if p.think else None
+        tools = HermesToolParser(tools=p.tools) if p.tools is not None else None
+
+        def parse(text: str, final: bool) -> Delta:
+            reasoning = ""
+            if think is not None:
+                split = think.feed(text)
+                reasoning, text = split.reasoning, split.content
+                if final:
+                    rest = think.finish()
+                    reasoning, text = reasoning + rest.reasoning, text + rest.content
+            if tools is None:
+                return Delta(content=text, reasoning=reasoning)
+            parsed = tools.feed(text)
+            content, calls = parsed.content, list(parsed.calls)
+            if final:
+                rest_calls = tools.finish()
+                content += rest_calls.content
+                calls += rest_calls.calls
+            return Delta(content=content, reasoning=reasoning, tool_calls=calls)
+
+        try:
+            finish_reason = "stop"
+            usage = Usage(len(p.prompt), 0, 0)
+            async for chunk in self._engine.generate(self.request):
+                if self.first_token_at is None:
+                    self.first_token_at = time.perf_counter()
+                usage = Usage(chunk.prompt_tokens, chunk.completion_tokens, chunk.cached_tokens)
+                matched = stops.feed(chunk.text)
+                final = chunk.finish_reason is not None or matched.stopped
+                text = matched.text if matched.stopped else matched.text + (
+                    stops.finish() if final else ""
+                )  # fmt: skip
+                delta = parse(text, final)
+                if delta:
+                    yield delta
+                if matched.stopped:
+                    self.cancel("stop")
+                    finish_reason = "stop"
+                    break
+                if chunk.finish_reason is not None:
+                    finish_reason = chunk.finish_reason
+                    break
+            if finish_reason == "cancelled":
+                finish_reason = "stop"
+            if tools is not None:
+                if tools.truncated:
+                    finish_reason = "length"
+                elif tools.call_count and finish_reason == "stop":
+                    finish_reason = "tool_calls"
+            finish = Finish(finish_reason, usage)
+            if self._on_finish is not None:
+                self._on_finish(self, finish)
+            yield finish
+        finally:
+            await self.aclose()
+
+
+class ChatService:
+    def __init__(self, registry: Registry, manager: ModelManager, engine: Engine) -> None:
+        self.registry = registry
+        self.manager = manager
+        self.engine = engine
+        self.on_finish: Callable[[ChatRun, Finish], None] | None = None
+
+    def resolve(self, name: str) -> ModelEntry:
+        return self.registry.get(name)
+
+    async def start(self, request: ChatRequest, entry: ModelEntry | None = None) -> ChatRun:
+        """Validate, render and admit ``request``; errors raise before anything is streamed."""
+        entry = entry or self.resolve(request.model)
+        prepared = await self.prepare(request, entry)
+        stack = contextlib.AsyncExitStack()
+        try:
+            await stack.enter_async_context(
+                self.manager.acquire(entry, need=prepared, keep_alive=prepared.keep_alive)
+            )
+        except BaseException:
+            await stack.aclose()
+            raise
+        return ChatRun(prepared, self.engine, stack, self.on_finish)
+
+    async def prepare(self, request: ChatRequest, entry: ModelEntry) -> Prepared:
+        tokenizer = await self.registry.tokenizer(entry)
+        config = await self.registry.config(entry)
+        tools = [t.model_dump(exclude_none=True) for t in request.tools or []] or None
+        choice = request.tool_choice
+        render_tools = tools if choice != "none" else None
+        prompt_text = render_prompt(tokenizer, request, entry, render_tools)
+        prompt = list(tokenizer.encode(prompt_text, add_special_tokens=False))
+        context = context_limit(entry, config)
+        max_tokens = resolve_max_tokens(request, entry, len(prompt), context)
+        processors = tool_choice_processors(tokenizer, prompt_text, len(prompt), choice, tools)
+        starts_in_reasoning = tokenizer.has_thinking and prompt_opens_reasoning(prompt_text)
+        keep_alive: float | None | str = "default"
+        if request.keep_alive is not None:
+            try:
+                keep_alive = parse_duration(request.keep_alive)
+            except ValueError as exc:
+                raise BadRequest(str(exc), param="keep_alive") from None
+        return Prepared(
+            entry=entry,
+            prompt=prompt,
+            prompt_text=prompt_text,
+            max_tokens=max_tokens,
+            sampling=sampling_for(request, entry, self.registry.generation_defaults(entry)),
+            stops=request.stop_list,
+            tokenizer=tokenizer,
+            think=bool(tokenizer.has_thinking),
+            starts_in_reasoning=starts_in_reasoning,
+            tools=render_tools,
+            processors=processors,
+            ignore_eos=request.ignore_eos,
+            keep_alive=keep_alive,
+        )
+
+
+def template_messages(messages: list[Message]) -> list[dict[str, Any]]:
+    """OpenAI messages → the dicts chat templates expect.
+
+    Templates iterate tool-call arguments as a mapping (Qwen3.5's XML form) or print them
+    (Qwen3's JSON form), so arguments sent as a JSON string are decoded when they parse.
+    """
+    out: list[dict[str, Any]] = []
+    for i, msg in enumerate(messages):
+        item: dict[str, Any] = {
+            "role": "system" if msg.role == "developer" else msg.role,
+            "content": msg.text(),
+        }
+        if msg.name:
+            item["name"] = msg.name
+        if msg.tool_call_id:
+            item["tool_call_id"] = msg.tool_call_id
+        reasoning = msg.reasoning_content or msg.reasoning
+        if reasoning:
+            item["reasoning_content"] = reasoning
+        if msg.tool_calls:
+            calls = []
+            for j, call in enumerate(msg.tool_calls):
+                args: Any = call.function.arguments
+                if isinstance(args, str):
+                    try:
+                        args = json.loads(args) if args.strip() else {}
+                    except ValueError:
+                        raise BadRequest(
+                            "tool call arguments must be a JSON string",
+                            param=f"messages[{i}].tool_calls[{j}].function.arguments",
+                        ) from None
+                calls.append(
+                    {
+                        "id": call.id,
+                        "type": "function",
+                        "function": {"name": call.function.name, "arguments": args},
+                    }
+                )
+            item["tool_calls"] = calls
+        out.append(item)
+    return out
+
+
+def template_kwargs(request: ChatRequest, entry: ModelEntry) -> dict[str, Any]:
+    kwargs = dict(entry.chat_template_kwargs)
+    if request.reasoning_effort is not None:
+        kwargs["enable_thinking"] = request.reasoning_effort not in ("none", "minimal")
+        kwargs["reasoning_effort"] = request.reasoning_effort
+    kwargs.update(request.chat_template_kwargs or {})
+    return kwargs
+
+
+def render_prompt(
+    tokenizer: Any, request: ChatRequest, entry: ModelEntry, tools: list[dict[str, Any]] | None
+) -> str:
+    messages = template_messages(request.messages)
+    continue_final = messages[-1]["role"] == "assistant"
+    try:
+        text = tokenizer.apply_chat_template(
+            messages,
+            tools=tools,
+            tokenize=False,
+            add_generation_prompt=not continue_final,
+            continue_final_message=continue_final,
+            **template_kwargs(request, entry),
+        )
+    except Exception as exc:  # template errors are the request's fault (e.g. role order)
+        raise BadRequest(
+            f"the chat template of {entry.id!r} rejected the messages: {exc}", param="messages"
+        ) from None
+    return str(text)
+
+
+def context_limit(entry: ModelEntry, config: dict[str, Any]) -> int:
+    if entry.context_length:
+        return entry.context_length
+    text = config.get("text_config") or {}
+    for source in (config, text):
+        for key in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
+            value = source.get(key)
+            if isinstance(value, int) and value > 0:
+                return value
+    return 4096
+
+
+def resolve_max_tokens(request: ChatRequest, entry: ModelEntry, prompt: int, context: int) -> int:
+    room = context - prompt
+    if room <= 0:
+        raise ContextLengthExceeded(
+            f"This model's maximum context length is {context} tokens, but the messages "
+            f"take {prompt} tokens. Shorten the messages.",
+            param="messages",
+        )
+    asked = request.requested_max_tokens
+    if asked is not None:
+        if asked > room:
+            field_name = "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {context} tokens. The messages take "
+                f"{prompt} tokens and {field_name} asks for {asked}, {prompt + asked} in total. "
+                f"Lower {field_name} to at most {room} or shorten the messages.",
+                param=field_name,
+            )
+        return asked
+    default = entry.defaults.max_tokens
+    return min(default, room) if default else room
+
+
+def sampling_for(
+    request: ChatRequest, entry: ModelEntry, generation: dict[str, Any]
+) -> SamplingParams:
+    """Request values, else models.yaml defaults, else the model's generation_config."""
+
+    def pick(name: str, fallback: Any) -> Any:
+        value = getattr(request, name)
+        if value is not None:
+            return value
+        value = getattr(entry.defaults, name)
+        if value is not None:
+            return value
+        value = generation.get(name)
+        return value if isinstance(value, (int, float)) else fallback
+
+    bias = {int(k): float(v) for k, v in (request.logit_bias or {}).items()} or None
+    return SamplingParams(
+        temperature=float(pick("temperature", OPENAI_DEFAULTS.temperature)),
+        top_p=float(pick("top_p", OPENAI_DEFAULTS.top_p)),
+        top_k=int(pick("top_k", 0)),
+        min_p=float(pick("min_p", 0.0)),
+        seed=request.seed,
+        repetition_penalty=pick("repetition_penalty", None),
+        presence_penalty=pick("presence_penalty", None),
+        frequency_penalty=pick("frequency_penalty", None),
+        logit_bias=bias,
+    )
+
+
+def tool_choice_processors(
+    tokenizer: Any,
+    prompt_text: str,
+    prompt_len: int,
+    choice: str | NamedToolChoice | None,
+    tools: list[dict[str, Any]] | None,
+) -> list[Any]:
+    """Logits processors that enforce ``tool_choice`` during generation, not just in the prompt."""
+    if not tools or choice in (None, "auto"):
+        return []
+    start_ids = tokenizer.encode("<tool_call>", add_special_tokens=False)
+    if choice == "none":
+        return [BanTokens(start_ids[:1])] if len(start_ids) == 1 else []
+    name = choice.function["name"] if isinstance(choice, NamedToolChoice) else None
+    fmt = tool_call_format(getattr(tokenizer, "chat_template", None))
+    prefix = tokenizer.encode(forced_prefix(fmt, name), add_special_tokens=False)
+    wait_for = None
+    if tokenizer.has_thinking and prompt_opens_reasoning(prompt_text):
+        wait_for = list(tokenizer.encode(tokenizer.think_end, add_special_tokens=False))
+    return [PrefixForcer(list(prefix), prompt_len, wait_for=wait_for)]
