@@ -119,12 +119,16 @@ def cmd_models(args: argparse.Namespace) -> int:
              ", ".join(f"{k}={v}" for k, v in source.items()))
         )  # fmt: skip
     if args.json:
-        print(json.dumps([dict(zip(("id", "present", "tags", "source"), r)) for r in rows]))
+        print(
+            json.dumps(
+                [dict(zip(("id", "present", "tags", "source"), r, strict=True)) for r in rows]
+            )
+        )
         return 0
     header = ("ID", "LOCAL", "TAGS", "SOURCE")
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(4)]
     for row in [header, *rows]:
-        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
     print("(* default)")
     return 0
 

@@ -36,9 +36,7 @@ def default_engine(settings: Settings) -> Engine:
     return MLXEngine(prefix_cache_bytes=size)
 
 
-def build_state(
-    settings: Settings, engine: Engine, models: ModelsFile | None = None
-) -> AppState:
+def build_state(settings: Settings, engine: Engine, models: ModelsFile | None = None) -> AppState:
     models = models or load_models(settings.config_path)
     if settings.default_model is not None:
         # `--model` picks the default among configured models (validated like any name).

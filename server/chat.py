@@ -22,7 +22,7 @@ from typing import Any
 from server.config import ModelEntry, parse_duration
 from server.engine import Engine, GenerationRequest, SamplingParams
 from server.errors import BadRequest, ContextLengthExceeded
-from server.manager import ModelManager
+from server.manager import KeepAlive, ModelManager
 from server.parsers.forcing import BanTokens, PrefixForcer, forced_prefix, tool_call_format
 from server.parsers.hermes import HermesToolParser, ToolCallDelta
 from server.parsers.reasoning import ThinkSplitter, prompt_opens_reasoning
@@ -74,7 +74,7 @@ class Prepared:
     tools: list[dict[str, Any]] | None
     processors: list[Any]
     ignore_eos: bool
-    keep_alive: float | None | str
+    keep_alive: KeepAlive | None
 
 
 class ChatRun:
@@ -210,10 +210,10 @@ class ChatService:
         max_tokens = resolve_max_tokens(request, entry, len(prompt), context)
         processors = tool_choice_processors(tokenizer, prompt_text, len(prompt), choice, tools)
         starts_in_reasoning = tokenizer.has_thinking and prompt_opens_reasoning(prompt_text)
-        keep_alive: float | None | str = "default"
+        keep_alive = None
         if request.keep_alive is not None:
             try:
-                keep_alive = parse_duration(request.keep_alive)
+                keep_alive = KeepAlive(parse_duration(request.keep_alive))
             except ValueError as exc:
                 raise BadRequest(str(exc), param="keep_alive") from None
         return Prepared(

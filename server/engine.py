@@ -86,6 +86,7 @@ class Engine(Protocol):
     async def unload(self) -> None: ...
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]: ...
     async def memory(self) -> dict[str, int]: ...
+    def stats(self) -> dict[str, int]: ...
     def close(self) -> None: ...
 
 
@@ -102,6 +103,8 @@ class MLXEngine:
         self._model: Any = None
         self._path: Path | None = None
         self.prefix_cache = PrefixCache(prefix_cache_bytes)
+        self.generations = 0
+        self.tokens_generated = 0
         self._thread = threading.Thread(target=self._run, name="mlxd-mlx", daemon=True)
         self._thread.start()
 
@@ -225,6 +228,15 @@ class MLXEngine:
     async def evict_prefix_cache(self, max_bytes: int) -> int:
         return await self._call(lambda: self.prefix_cache.evict_to(max_bytes))
 
+    def stats(self) -> dict[str, int]:
+        """Counters for /health; plain ints written by the worker, read without locking."""
+        return {
+            "generations": self.generations,
+            "tokens_generated": self.tokens_generated,
+            "prefix_cache_hits": self.prefix_cache.hits,
+            "prefix_cache_reused_tokens": self.prefix_cache.reused_tokens,
+        }
+
     def close(self) -> None:
         self._jobs.put(_Stop())
 
@@ -291,6 +303,7 @@ class MLXEngine:
         )
         processors += req.extra_processors
 
+        self.generations += 1
         hit = self.prefix_cache.take(req.prompt)
         cache = hit.cache if hit.cache is not None else make_prompt_cache(self._model)
         todo = req.prompt[hit.reused :]
@@ -302,19 +315,21 @@ class MLXEngine:
         started = time.perf_counter()
         prompt_seconds = 0.0
         finish: str | None = None
+        hit_eos = False
         try:
             steps = generate_step(
                 mx.array(todo), self._model, max_tokens=req.max_tokens, sampler=sampler,
                 logits_processors=processors or None, prompt_cache=cache,
             )  # fmt: skip
-            for token, _ in steps:
+            for step, _ in steps:
+                token = int(step)  # generate_step yields Python ints (via .item())
                 if not generated:
                     prompt_seconds = time.perf_counter() - started
-                if token in eos:
-                    finish = "stop"
-                    generated.append(token)
-                    break
                 generated.append(token)
+                self.tokens_generated += 1
+                if token in eos:
+                    finish, hit_eos = "stop", True
+                    break
                 detok.add_token(token)
                 last = len(generated) == req.max_tokens
                 if last:
@@ -336,10 +351,15 @@ class MLXEngine:
             self._keep_cache(req.prompt, generated, cache)
         if finish != "length" or len(generated) != req.max_tokens:
             detok.finalize()
-            completion = len(generated) - (1 if finish == "stop" and generated else 0)
+            completion = len(generated) - (1 if hit_eos else 0)  # EOS is not output
             emit(
                 GenerationChunk(
-                    detok.last_segment, None, finish or "stop", n_prompt, completion, hit.reused,
+                    detok.last_segment,
+                    None,
+                    finish or "stop",
+                    n_prompt,
+                    completion,
+                    hit.reused,
                     prompt_seconds,
                 )
             )
@@ -360,4 +380,3 @@ def _set_result(future: asyncio.Future[Any], value: Any) -> None:
 def _set_exception(future: asyncio.Future[Any], exc: BaseException) -> None:
     if not future.done():
         future.set_exception(exc)
-

@@ -46,6 +46,13 @@ class ModelState(str, Enum):
     FAILED = "failed"
 
 
+@dataclass(frozen=True)
+class KeepAlive:
+    """How long the model stays loaded after a request; ``seconds=None`` means forever."""
+
+    seconds: float | None
+
+
 @dataclass
 class Lease:
     entry: ModelEntry
@@ -122,9 +129,13 @@ class ModelManager:
 
     @contextlib.asynccontextmanager
     async def acquire(
-        self, entry: ModelEntry, need: Any = None, keep_alive: float | None | str = "default"
+        self, entry: ModelEntry, need: Any = None, keep_alive: KeepAlive | None = None
     ) -> AsyncIterator[Lease]:
-        """Hold ``entry`` resident for the duration of the block."""
+        """Hold ``entry`` resident for the duration of the block.
+
+        ``keep_alive`` (the request's, as Ollama clients send it) overrides the model's and the
+        server's idle-unload delay once this request is done.
+        """
         if self._closed:
             raise Overloaded("the server is shutting down", retry_after=5)
         if len(self._waiters) >= self.queue_size:
@@ -151,8 +162,8 @@ class ModelManager:
             yield lease
         finally:
             self.active -= 1
-            if keep_alive != "default":
-                self._keep_alive = keep_alive if not isinstance(keep_alive, str) else None
+            if keep_alive is not None:
+                self._keep_alive = keep_alive.seconds
             else:
                 self._keep_alive = _entry_keep_alive(entry, self.default_keep_alive)
             self._pump()
@@ -162,7 +173,11 @@ class ModelManager:
         """Forget a waiter that gave up; if it had just been admitted, release its slot."""
         if waiter in self._waiters:
             self._waiters.remove(waiter)
-        elif waiter.future.done() and not waiter.future.cancelled() and not waiter.future.exception():
+        elif (
+            waiter.future.done()
+            and not waiter.future.cancelled()
+            and waiter.future.exception() is None
+        ):
             self.active -= 1
         if not waiter.future.done():
             waiter.future.cancel()
@@ -279,7 +294,7 @@ class ModelManager:
 
     async def preload(self, entry: ModelEntry) -> None:
         """Load ``entry`` now (``--preload``) so the first request finds it warm."""
-        async with self.acquire(entry, keep_alive=None):
+        async with self.acquire(entry, keep_alive=KeepAlive(None)):
             pass
 
     async def unload(self) -> None:

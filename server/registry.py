@@ -98,7 +98,9 @@ def read_config(path: Path, model_id: str) -> dict[str, Any]:
     try:
         data = json.loads((path / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise ModelLoadFailed(f"model {model_id!r}: cannot read {path / 'config.json'}: {exc}")
+        raise ModelLoadFailed(
+            f"model {model_id!r}: cannot read {path / 'config.json'}: {exc}"
+        ) from None
     if not isinstance(data, dict):
         raise ModelLoadFailed(f"model {model_id!r}: {path / 'config.json'} is not an object")
     return data

@@ -61,4 +61,5 @@ class AppState:
             "queue_depth": self.manager.queue_depth,
             "swaps": self.manager.swaps,
             "memory": memory,
+            "engine": self.engine.stats(),
         }

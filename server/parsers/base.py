@@ -68,9 +68,7 @@ class ToolCall:
     arguments: str
 
 
-def fold_tool_calls(
-    deltas: Iterable[ToolCallDelta], drop: Collection[int] = ()
-) -> list[ToolCall]:
+def fold_tool_calls(deltas: Iterable[ToolCallDelta], drop: Collection[int] = ()) -> list[ToolCall]:
     """Fold streamed deltas into whole calls in index order, leaving out the indices in `drop`.
 
     Raises ValueError when an index's first delta lacks its id or name (the parsers never do that).

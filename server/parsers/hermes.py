@@ -43,7 +43,7 @@ TOOL_CLOSE = "</tool_call>"
 
 _ARGUMENT_KEYS = ("arguments", "parameters")
 # Characters that may appear in JSON outside strings; anything else means the call is broken.
-_JSON_OUTSIDE_STRINGS = frozenset(" \t\n\r{}[],:\"0123456789+-.eEtruefalsn")
+_JSON_OUTSIDE_STRINGS = frozenset(' \t\n\r{}[],:"0123456789+-.eEtruefalsn')
 # Inside a string only these need a look: the end, an escape, a raw control character.
 _STRING_STOP = re.compile(r'["\\\x00-\x1f]')
 _CONTROL_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t", "\b": "\\b", "\f": "\\f"}
@@ -365,16 +365,18 @@ def _schema_types(schema: Mapping[str, Any]) -> set[str]:
     return types
 
 
+_TYPE_ORDER = ("integer", "number", "boolean", "object", "array", "null")
+
+
 def _fits(value: Any, types: set[str]) -> Any:
-    """`value` as the first schema type it fits, or raise ValueError."""
-    for kind in types:
-        if kind == "integer" and isinstance(value, (int, float)) and not isinstance(value, bool):
-            if float(value).is_integer():
-                return int(value)
-        elif kind == "number" and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return value
-        elif (
-            (kind == "boolean" and isinstance(value, bool))
+    """`value` as the first schema type it fits (in a fixed order), or raise ValueError."""
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    for kind in (t for t in _TYPE_ORDER if t in types):
+        if kind == "integer" and is_number and float(value).is_integer():
+            return int(value)
+        if (
+            (kind == "number" and is_number)
+            or (kind == "boolean" and isinstance(value, bool))
             or (kind == "object" and isinstance(value, dict))
             or (kind == "array" and isinstance(value, list))
             or (kind == "null" and value is None)

@@ -32,7 +32,10 @@ THINK_CLOSE = "</think>"
 
 
 def prompt_opens_reasoning(rendered_prompt: str) -> bool:
-    """True when the prompt's last ``<think>`` has no ``</think>`` after it (output starts inside)."""
+    """True when the prompt's last ``<think>`` has no ``</think>`` after it.
+
+    Then the model's output starts inside its reasoning.
+    """
     start = rendered_prompt.rfind(THINK_OPEN)
     return start >= 0 and THINK_CLOSE not in rendered_prompt[start:]
 

@@ -1,0 +1,102 @@
+"""Fixtures shared by unit and end-to-end tests.
+
+End-to-end tests use the real default model (SmolLM2-135M-Instruct, imported from the PyPI wheel
+into ``$MLXD_HOME``; ``make test`` prepares it first, so these fixtures normally find it ready) and
+start the real server as a subprocess on a free loopback port.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from server.config import REPO_ROOT, Settings, load_models
+from server.registry import Registry
+from server.sources import ModelSources
+
+
+@pytest.fixture(scope="session")
+def settings() -> Settings:
+    return Settings.from_env(config_path=REPO_ROOT / "models.yaml")
+
+
+@pytest.fixture(scope="session")
+def registry(settings: Settings) -> Registry:
+    return Registry(load_models(settings.config_path), ModelSources(settings.home, REPO_ROOT))
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(registry: Registry) -> Path:
+    return registry.prepare_sync(registry.get("smollm2"), progress=False)
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf(smollm2_dir: Path, settings: Settings) -> Path:
+    return settings.home / "gguf" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@dataclass
+class RunningServer:
+    url: str  # base URL ending in /v1
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    @property
+    def root(self) -> str:
+        return self.url.removesuffix("/v1")
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@contextlib.contextmanager
+def run_server(
+    args: list[str], log: Path, env: dict[str, str] | None = None, timeout: float = 180.0
+) -> Iterator[RunningServer]:
+    """Start ``mlxd serve`` with ``args`` and wait until /health answers."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "server", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    full_env = {**os.environ, **(env or {})}
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [*cmd, *args], stdout=out, stderr=subprocess.STDOUT, env=full_env, cwd=REPO_ROOT
+        )
+    server = RunningServer(f"http://127.0.0.1:{port}/v1", proc, log)
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"mlxd exited with {proc.returncode}:\n{server.log_text()}")
+            try:
+                if httpx.get(f"{server.root}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"mlxd did not start in {timeout}s:\n{server.log_text()}")
+            time.sleep(0.2)
+        yield server
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

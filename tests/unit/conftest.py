@@ -1,0 +1,55 @@
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import httpx
+import pytest
+
+from server.app import create_app
+from server.config import Settings, parse_models
+from tests.fakes import FakeEngine, tiny_model_dir
+
+AppFactory = Callable[..., tuple[httpx.AsyncClient, FakeEngine]]
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("tiny-models")
+    return {name: tiny_model_dir(base / name) for name in ("alpha", "beta")}
+
+
+@pytest.fixture
+async def make_client(
+    tiny_dirs: dict[str, Path], tmp_path: Path
+) -> AsyncIterator[Callable[..., httpx.AsyncClient]]:
+    clients: list[httpx.AsyncClient] = []
+
+    def factory(engine: FakeEngine, **entry_extra: object) -> httpx.AsyncClient:
+        models = parse_models(
+            {
+                "default": "alpha",
+                "models": [
+                    {"id": "alpha", "aliases": ["a"], "source": {"path": str(tiny_dirs["alpha"])},
+                     "tags": ["small"], **entry_extra},
+                    {"id": "beta", "source": {"path": str(tiny_dirs["beta"])}, "tags": ["small"]},
+                ],
+            },
+            "test",
+        )  # fmt: skip
+        settings = Settings(home=tmp_path / "home", config_path=tmp_path / "models.yaml")
+        app = create_app(settings, engine_factory=lambda _: engine, models=models)
+        client = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://mlxd.test"
+        )
+        clients.append(client)
+        return client
+
+    yield factory
+    for client in clients:
+        await client.aclose()
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
