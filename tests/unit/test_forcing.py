@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import tempfile
 from pathlib import Path
+from typing import cast
 
 import mlx.core as mx
 import pytest
@@ -75,7 +76,7 @@ def drive(
         assert out.shape == logits.shape and out.dtype == logits.dtype
         finite = mx.isfinite(out[0])
         if finite.sum().item() == 1:
-            token = int(mx.argmax(finite).item())
+            token = cast(int, mx.argmax(finite).item())
             forced[step] = token
             assert out[0, token].item() == 0
         else:
@@ -191,7 +192,7 @@ def test_forced_call_through_mlx_lm_generation() -> None:
         max_tokens=len(thinking) + len(prefix) + 3,
         logits_processors=[ScriptedLogits(thinking), forcer],
     )
-    generated = [token for token, _ in steps]
+    generated = [cast(int, token) for token, _ in steps]  # typed as arrays, yielded as ints
     assert generated[: len(thinking) + len(prefix)] == thinking + prefix
     assert forcer.done
     text = tokenizer.decode(generated[len(thinking) :], skip_special_tokens=False)
