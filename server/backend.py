@@ -79,12 +79,14 @@ class BackendInfo:
     platform: str
     machine: str
     blas: str | None
+    mlx_version: str
 
     def describe(self) -> str:
-        extra = ""
+        text = f"{self.name} (mlx {self.mlx_version}, {self.platform} {self.machine})"
         if self.name == "cpu" and sys.platform == "linux":
-            extra = f", BLAS: {'OpenBLAS' if self.blas else 'reference (slow; install OpenBLAS)'}"
-        return f"{self.name} ({self.device}){extra}"
+            blas = f"OpenBLAS {self.blas}" if self.blas else "reference (slow; install OpenBLAS)"
+            text += f", BLAS: {blas}"
+        return text
 
 
 def backend_info() -> BackendInfo:
@@ -103,7 +105,8 @@ def backend_info() -> BackendInfo:
     return BackendInfo(
         name=name,
         device=str(device),
-        platform=f"{platform.system()} {platform.release()}",
+        platform=platform.system(),
         machine=platform.machine(),
         blas=blas_in_use(),
+        mlx_version=mx.__version__,
     )

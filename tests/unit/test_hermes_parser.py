@@ -95,7 +95,9 @@ def parse(chunks: list[str], tools: Any = TOOLS) -> Outcome:
     check_deltas(pieces)
     invalidated = [i for p in pieces for i in p.invalidated]
     assert invalidated == parser.invalid_calls
-    assert sum(p.malformed for p in pieces) == parser.malformed_count
+    # One piece may carry several malformed calls.
+    assert sum(p.malformed for p in pieces) <= parser.malformed_count
+    assert any(p.malformed for p in pieces) == (parser.malformed_count > 0)
     calls = fold_tool_calls([d for p in pieces for d in p.calls], drop=parser.invalid_calls)
     expected_valid = len(calls) - (parser.incomplete_call is not None)
     assert parser.call_count == expected_valid
