@@ -108,5 +108,5 @@ def backend_info() -> BackendInfo:
         platform=platform.system(),
         machine=platform.machine(),
         blas=blas_in_use(),
-        mlx_version=mx.__version__,
+        mlx_version=str(getattr(mx, "__version__", "unknown")),
     )

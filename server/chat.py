@@ -23,7 +23,7 @@ from server.config import ModelEntry, parse_duration
 from server.engine import Engine, GenerationRequest, SamplingParams
 from server.errors import BadRequest, ContextLengthExceeded
 from server.manager import KeepAlive, ModelManager
-from server.parsers.forcing import BanTokens, PrefixForcer, forced_prefix, tool_call_format
+from server.parsers.forcing import BanTokens, PrefixForcer, ToolCallFormat, forced_prefix
 from server.parsers.hermes import HermesToolParser, ToolCallDelta
 from server.parsers.reasoning import ThinkSplitter, prompt_opens_reasoning
 from server.protocol import ChatRequest, Message, NamedToolChoice, completion_id, now
@@ -40,9 +40,12 @@ class Delta:
     content: str = ""
     reasoning: str = ""
     tool_calls: list[ToolCallDelta] = field(default_factory=list)
+    # Indices of calls already announced that turned out malformed (their text is in content):
+    # a folded response drops them; a stream has already sent them.
+    invalidated: list[int] = field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return bool(self.content or self.reasoning or self.tool_calls)
+        return bool(self.content or self.reasoning or self.tool_calls or self.invalidated)
 
 
 @dataclass(frozen=True)
@@ -130,12 +133,13 @@ class ChatRun:
             if tools is None:
                 return Delta(content=text, reasoning=reasoning)
             parsed = tools.feed(text)
-            content, calls = parsed.content, list(parsed.calls)
+            content, calls, invalid = parsed.content, list(parsed.calls), list(parsed.invalidated)
             if final:
-                rest_calls = tools.finish()
-                content += rest_calls.content
-                calls += rest_calls.calls
-            return Delta(content=content, reasoning=reasoning, tool_calls=calls)
+                rest = tools.finish()
+                content += rest.content
+                calls += rest.calls
+                invalid += rest.invalidated
+            return Delta(content, reasoning, calls, invalid)
 
         try:
             finish_reason = "stop"
@@ -162,9 +166,11 @@ class ChatRun:
             if finish_reason == "cancelled":
                 finish_reason = "stop"
             if tools is not None:
-                if tools.truncated:
-                    finish_reason = "length"
-                elif tools.call_count and finish_reason == "stop":
+                if tools.incomplete_call is not None:
+                    # Announced but cut off: its arguments are not valid JSON, so a folded
+                    # response leaves it out; finish_reason says why ("length" for max_tokens).
+                    yield Delta(invalidated=[tools.incomplete_call])
+                if tools.call_count and finish_reason == "stop" and not tools.truncated:
                     finish_reason = "tool_calls"
             finish = Finish(finish_reason, usage)
             if self._on_finish is not None:
@@ -208,7 +214,7 @@ class ChatService:
         prompt = list(tokenizer.encode(prompt_text, add_special_tokens=False))
         context = context_limit(entry, config)
         max_tokens = resolve_max_tokens(request, entry, len(prompt), context)
-        processors = tool_choice_processors(tokenizer, prompt_text, len(prompt), choice, tools)
+        processors = tool_choice_processors(tokenizer, prompt_text, choice, tools)
         starts_in_reasoning = tokenizer.has_thinking and prompt_opens_reasoning(prompt_text)
         keep_alive = None
         if request.keep_alive is not None:
@@ -370,10 +376,28 @@ def sampling_for(
     )
 
 
+def tool_call_format(tokenizer: Any) -> ToolCallFormat:
+    """Which call form the model's template writes, found by rendering a probe call.
+
+    Rendering is more reliable than searching the template source: templates mention both forms
+    in comments and instructions, but render history in exactly one.
+    """
+    probe = [
+        {"role": "user", "content": "x"},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"id": "call_probe", "type": "function",
+             "function": {"name": "mlxd_probe", "arguments": {"a": 1}}}]},
+    ]  # fmt: skip
+    try:
+        text = tokenizer.apply_chat_template(probe, tokenize=False)
+    except Exception:
+        return "json"
+    return "xml" if "<function=mlxd_probe>" in str(text) else "json"
+
+
 def tool_choice_processors(
     tokenizer: Any,
     prompt_text: str,
-    prompt_len: int,
     choice: str | NamedToolChoice | None,
     tools: list[dict[str, Any]] | None,
 ) -> list[Any]:
@@ -384,9 +408,11 @@ def tool_choice_processors(
     if choice == "none":
         return [BanTokens(start_ids[:1])] if len(start_ids) == 1 else []
     name = choice.function["name"] if isinstance(choice, NamedToolChoice) else None
-    fmt = tool_call_format(getattr(tokenizer, "chat_template", None))
-    prefix = tokenizer.encode(forced_prefix(fmt, name), add_special_tokens=False)
+    prefix = tokenizer.encode(forced_prefix(tool_call_format(tokenizer), name),
+                              add_special_tokens=False)  # fmt: skip
     wait_for = None
     if tokenizer.has_thinking and prompt_opens_reasoning(prompt_text):
         wait_for = list(tokenizer.encode(tokenizer.think_end, add_special_tokens=False))
-    return [PrefixForcer(list(prefix), prompt_len, wait_for=wait_for)]
+    # The processor sees only the tokens the engine feeds (a prefix-cache hit shortens the
+    # prompt), so it takes its starting point from its first call.
+    return [PrefixForcer(list(prefix), None, wait_for=wait_for)]

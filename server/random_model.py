@@ -307,7 +307,10 @@ def chat_template_source(think_in_prompt: bool = False) -> str:
     source = (importlib.resources.files("server") / "templates" / "qwen3.jinja").read_text("utf-8")
     if think_in_prompt:
         # A template-level assignment wins over the (absent) render variable of the same name.
-        source = "{%- set think_in_prompt = true -%}\n" + source
+        # Qwen3.5/3.6 also write tool calls in the XML form.
+        source = (
+            "{%- set think_in_prompt = true -%}\n{%- set tool_call_format = 'xml' -%}\n" + source
+        )
     return source
 
 

@@ -104,6 +104,7 @@ async def completion(run: ChatRun) -> dict[str, Any]:
     content: list[str] = []
     reasoning: list[str] = []
     calls: dict[int, dict[str, Any]] = {}
+    invalid: set[int] = set()
     finish: Finish | None = None
     try:
         async for event in run.events():
@@ -112,6 +113,7 @@ async def completion(run: ChatRun) -> dict[str, Any]:
                 continue
             content.append(event.content)
             reasoning.append(event.reasoning)
+            invalid.update(event.invalidated)
             for call in event.tool_calls:
                 slot = calls.setdefault(
                     call.index,
@@ -126,8 +128,9 @@ async def completion(run: ChatRun) -> dict[str, Any]:
         await run.aclose()
     assert finish is not None
     message: dict[str, Any] = {"role": "assistant", "content": "".join(content)}
-    if calls:
-        message["tool_calls"] = [calls[i] for i in sorted(calls)]
+    valid = [calls[i] for i in sorted(calls) if i not in invalid]
+    if valid:
+        message["tool_calls"] = valid
         if not message["content"]:
             message["content"] = None
     if any(reasoning):

@@ -9,8 +9,9 @@ after them. ``"none"`` is met by :class:`BanTokens` on the ``<tool_call>`` token
 mlx-lm calls a processor as ``processor(tokens, logits)``: ``tokens`` is the token history
 (the prompt it was given, then every generated token) and ``logits`` the next position's, shape
 ``(1, vocab)``. It builds step n+1 before step n's token is computed, so reading a token's value
-would stall that pipeline on every step; the processors here read only shapes, and the wait for
-``</think>`` is tracked in MLX arrays that are evaluated along with the step itself.
+would stall that pipeline on every step. The processors here read shapes only; the wait for
+``</think>`` is tracked in MLX arrays evaluated along with each step, and the one value read back
+(whether the prefix is out, to stop working) is two steps old, so mlx-lm has computed it already.
 """
 
 from __future__ import annotations
@@ -23,11 +24,6 @@ from typing import Literal
 import mlx.core as mx
 
 ToolCallFormat = Literal["json", "xml"]
-
-
-def tool_call_format(chat_template_source: str | None) -> ToolCallFormat:
-    """``"xml"`` for templates that describe Qwen3-Coder/Qwen3.5 ``<function=…>`` calls."""
-    return "xml" if chat_template_source and "<function=" in chat_template_source else "json"
 
 
 def forced_prefix(fmt: ToolCallFormat, name: str | None) -> str:

@@ -72,9 +72,8 @@ class _Call:
 
     def feed(self, text: str) -> str:
         """Consume `text`; return what follows the call once it is no longer open."""
-        start = len(self.raw)
         self.raw += text
-        end = self._scan(start)
+        end = self._scan()
         if end is None:
             return ""
         rest = self.raw[end:]
@@ -92,8 +91,8 @@ class _Call:
     def finish(self) -> None:
         raise NotImplementedError
 
-    def _scan(self, start: int) -> int | None:
-        """Read ``raw[start:]``; return where the call's text ends once it is not open."""
+    def _scan(self) -> int | None:
+        """Read the new text in ``raw``; return where the call's text ends once it is not open."""
         raise NotImplementedError
 
     def _close_tail(self, at: int) -> int | None:
@@ -119,6 +118,7 @@ class _JsonCall(_Call):
     def __init__(self, raw: str) -> None:
         super().__init__(raw)
         self._object_start = len(raw)
+        self._pos = len(raw)  # everything before it is scanned
         self._depth = 0
         self._in_string = False
         self._escaped = False
@@ -138,11 +138,12 @@ class _JsonCall(_Call):
             self._arguments.append(text)
             self._streamed.append(text)
 
-    def _scan(self, start: int) -> int | None:
+    def _scan(self) -> int | None:
         if self._tail_start is not None:
             return self._close_tail(self._tail_start)
         raw = self.raw
-        i = start
+        i = self._pos
+        self._pos = len(raw)
         while i < len(raw):
             if self._in_string:
                 if self._escaped:
@@ -163,7 +164,8 @@ class _JsonCall(_Call):
                 elif char == '"':
                     self._in_string = False
                     self._keep(char)
-                    self._string_closed(raw[self._string_start : i])
+                    if self._depth == 1:
+                        self._top_level_string(raw[self._string_start : i])
                 else:
                     self._keep(_CONTROL_ESCAPES.get(char, f"\\u{ord(char):04x}"))
                 continue
@@ -199,9 +201,8 @@ class _JsonCall(_Call):
             i += 1
         return None
 
-    def _string_closed(self, literal: str) -> None:
-        if self._depth != 1:
-            return
+    def _top_level_string(self, literal: str) -> None:
+        """A key of the call object, or the value of its ``name``."""
         try:
             value = json.loads(literal, strict=False)
         except ValueError:
@@ -283,7 +284,7 @@ class _XmlCall(_Call):
     def finish(self) -> None:
         self.status = _Status.DONE if self._stage is _XmlStage.TAIL else _Status.TRUNCATED
 
-    def _scan(self, start: int) -> int | None:
+    def _scan(self) -> int | None:
         while True:
             stage = self._stage
             if stage is _XmlStage.VALUE:

@@ -17,32 +17,15 @@ from server.parsers.forcing import (
     PrefixForcer,
     ToolCallFormat,
     forced_prefix,
-    tool_call_format,
 )
 from server.random_model import (
     VOCABS,
     ScriptedLogits,
     build_qwen_tokenizer,
-    chat_template_source,
     qwen3_config,
 )
 
 VOCAB = 32
-
-
-@pytest.mark.parametrize(
-    ("source", "fmt"),
-    [
-        (None, "json"),
-        ("", "json"),
-        (chat_template_source(), "json"),
-        (chat_template_source(think_in_prompt=True), "json"),
-        ("<tool_call>\n<function=example_function_name>\n<parameter=x>\n1\n</parameter>", "xml"),
-    ],
-    ids=["no-template", "empty", "mlxd-qwen3", "mlxd-qwen3-think-in-prompt", "qwen3-coder-style"],
-)
-def test_tool_call_format(source: str | None, fmt: str) -> None:
-    assert tool_call_format(source) == fmt
 
 
 @pytest.mark.parametrize(

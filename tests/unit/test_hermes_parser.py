@@ -560,3 +560,49 @@ def test_pipeline_is_the_same_for_every_chunking(
         reasoning = "".join(s.reasoning for s in splits)
         outcome = parse([s.content for s in splits])
         assert Outcome(**{**outcome.__dict__, "reasoning": reasoning}) == expected, chunks
+
+
+# Pieces of both formats, whole and broken, to compose odd outputs from.
+FRAGMENTS = [
+    "<tool_call>",
+    "</tool_call>",
+    "<think>",
+    "</think>",
+    "<tool",
+    "call>",
+    "\n",
+    " ",
+    "{",
+    "}",
+    "[",
+    '"',
+    "\\",
+    ":",
+    ",",
+    '"name"',
+    '"arguments"',
+    '"f"',
+    "1",
+    "null",
+    "x",
+    "é",
+    "<function=f>",
+    "</function>",
+    "<parameter=a>",
+    "</parameter>",
+    WEATHER,
+]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_outputs_parse_the_same_for_every_chunking(seed: int) -> None:
+    rng = random.Random(seed)
+    for _ in range(50):
+        text = "".join(rng.choice(FRAGMENTS) for _ in range(rng.randint(1, 12)))
+        whole = parse([text])
+        for chunks in [list(text), *([text[:i], text[i:]] for i in range(1, len(text)))]:
+            assert parse(chunks) == whole, chunks
+        if whole.incomplete is None:
+            assert all(isinstance(json.loads(a), dict) for _, a in whole.calls), text
+        if not whole.calls and not whole.truncated:
+            assert whole.content == text, "text that makes no call comes back unchanged"

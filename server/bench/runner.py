@@ -1,0 +1,840 @@
+"""The things a benchmark measures and how: targets, prompts, scenarios.
+
+A *target* answers chat requests and reports, per request, when each token arrived. Two kinds:
+
+* `HttpTarget`: any OpenAI-compatible base URL, streamed over SSE with httpx. Arrival times are
+  taken as each event's line is read, so they include everything a client would wait for.
+* `InProcessTarget`: the same model driven directly with mlx-lm in this process. It is the
+  baseline every server is compared against: what the hardware gives without a server.
+
+Both get the same messages, rendered with the model's chat template, and the same
+``max_tokens``; rates are computed the same way from the arrival times (see `report`).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import random
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, Protocol
+
+import httpx
+import psutil
+
+from server.bench.report import BASELINE, MemoryRecord, RequestRecord, StreamResult
+
+Messages = list[dict[str, str]]
+Say = Callable[[str], None]
+
+
+class BenchError(Exception):
+    """The benchmark cannot go on as asked (bad input, a target failing or unreachable)."""
+
+
+# --------------------------------------------------------------------------- SSE
+
+
+class SSEDecoder:
+    """Server-sent events, one line at a time (the subset of the WHATWG rules streams use).
+
+    ``data:`` lines accumulate until a blank line completes the event; ``:`` lines are comments
+    (keep-alives) and other fields (``event``, ``id``, ``retry``) carry nothing we need.
+    """
+
+    def __init__(self) -> None:
+        self._data: list[str] = []
+
+    def feed(self, line: str) -> str | None:
+        """The data of the event this line completes, if it completes one."""
+        line = line.rstrip("\r\n")
+        if not line:
+            return self.flush()
+        if line.startswith(":"):
+            return None
+        name, _, value = line.partition(":")
+        if name == "data":
+            self._data.append(value[1:] if value.startswith(" ") else value)
+        return None
+
+    def flush(self) -> str | None:
+        """Dispatch what is pending (also used at the end of a stream missing its blank line)."""
+        if not self._data:
+            return None
+        data = "\n".join(self._data)
+        self._data = []
+        return data
+
+
+@dataclass(frozen=True)
+class StreamEvent:
+    done: bool = False
+    text: str = ""
+    carries_token: bool = False
+    finish_reason: str | None = None
+    usage: Mapping[str, Any] | None = None
+
+
+def parse_event(data: str) -> StreamEvent:
+    """One chat-completion chunk (or ``[DONE]``); an error object in the stream raises."""
+    if data.strip() == "[DONE]":
+        return StreamEvent(done=True)
+    try:
+        obj = json.loads(data)
+    except json.JSONDecodeError as exc:
+        raise BenchError(f"stream event is not JSON: {data[:200]!r}") from exc
+    if not isinstance(obj, dict):
+        raise BenchError(f"stream event is not an object: {data[:200]!r}")
+    if obj.get("error"):
+        error = obj["error"]
+        message = error.get("message", error) if isinstance(error, dict) else error
+        raise BenchError(f"server reported an error mid-stream: {message}")
+    text, tool_call, finish = "", False, None
+    for choice in obj.get("choices") or []:
+        delta = choice.get("delta") or {}
+        for key in ("content", "reasoning_content", "reasoning"):
+            piece = delta.get(key)
+            if isinstance(piece, str):
+                text += piece
+        tool_call = tool_call or bool(delta.get("tool_calls"))
+        finish = choice.get("finish_reason") or finish
+    usage = obj.get("usage")
+    return StreamEvent(
+        text=text,
+        carries_token=bool(text) or tool_call,
+        finish_reason=finish,
+        usage=usage if isinstance(usage, dict) else None,
+    )
+
+
+def read_stream(lines: Iterable[str], clock: Callable[[], float]) -> StreamResult:
+    """Fold an SSE chat-completion stream into a `StreamResult`, timing events with ``clock``."""
+    result = StreamResult()
+    decoder = SSEDecoder()
+    parts: list[str] = []
+    done = False
+
+    def handle(data: str, now: float) -> bool:
+        event = parse_event(data)
+        if event.carries_token:
+            result.token_times.append(now)
+            parts.append(event.text)
+        if event.finish_reason is not None:
+            result.finish_reason = event.finish_reason
+            result.finish_time = now
+        if event.usage is not None:
+            result.usage_prompt_tokens = event.usage.get("prompt_tokens")
+            result.usage_completion_tokens = event.usage.get("completion_tokens")
+            details = event.usage.get("prompt_tokens_details") or {}
+            result.cached_tokens = details.get("cached_tokens")
+        return event.done
+
+    for line in lines:
+        data = decoder.feed(line)
+        if data is not None and handle(data, clock()):
+            done = True
+            break
+    if not done and (data := decoder.flush()) is not None:
+        done = handle(data, clock())
+    result.end_time = clock()
+    result.text = "".join(parts)
+    if not done and result.finish_reason is None:
+        raise BenchError("stream ended before a finish_reason or [DONE]")
+    return result
+
+
+# --------------------------------------------------------------------------- targets
+
+
+class Target(Protocol):
+    name: str
+
+    @property
+    def pid(self) -> int | None:
+        """The process whose memory to watch, when known."""
+
+    @property
+    def in_process(self) -> bool: ...
+
+    def chat(self, messages: Messages, max_tokens: int, conversation: bool = False) -> StreamResult:
+        """One streamed completion. ``conversation``: part of a chat that resends its history."""
+
+    def chat_many(
+        self, conversations: Sequence[Messages], max_tokens: int
+    ) -> list[tuple[float, StreamResult]]:
+        """Concurrent completions: (start offset in seconds, result) per conversation."""
+
+    def new_conversation(self) -> None: ...
+
+
+class HttpTarget:
+    """An OpenAI-compatible server at ``base_url`` (ending in ``/v1``)."""
+
+    in_process = False
+
+    def __init__(
+        self,
+        name: str,
+        base_url: str,
+        model: str,
+        *,
+        timeout: float,
+        extra_body: Mapping[str, Any] | None = None,
+        pid: int | None = None,
+    ) -> None:
+        self.name = name
+        self.base_url = base_url.rstrip("/")
+        self.model = model
+        self.extra_body = dict(extra_body or {})
+        self._pid = pid
+        self.client = httpx.Client(
+            timeout=httpx.Timeout(timeout, connect=10.0),
+            limits=httpx.Limits(max_connections=64, max_keepalive_connections=64),
+        )
+
+    @property
+    def pid(self) -> int | None:
+        return self._pid
+
+    def _stream(self, messages: Messages, max_tokens: int) -> tuple[float, StreamResult]:
+        body = {
+            "model": self.model,
+            "messages": messages,
+            "max_tokens": max_tokens,
+            "temperature": 0.0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            **self.extra_body,
+        }
+        url = f"{self.base_url}/chat/completions"
+        start = time.perf_counter()
+        with self.client.stream("POST", url, json=body) as response:
+            if response.status_code != 200:
+                response.read()
+                raise BenchError(f"HTTP {response.status_code} from {url}: {response.text[:300]}")
+            return start, read_stream(response.iter_lines(), lambda: time.perf_counter() - start)
+
+    def chat(self, messages: Messages, max_tokens: int, conversation: bool = False) -> StreamResult:
+        return self._stream(messages, max_tokens)[1]
+
+    def chat_many(
+        self, conversations: Sequence[Messages], max_tokens: int
+    ) -> list[tuple[float, StreamResult]]:
+        barrier = threading.Barrier(len(conversations))
+
+        def one(messages: Messages) -> tuple[float, StreamResult]:
+            barrier.wait(timeout=60)
+            return self._stream(messages, max_tokens)
+
+        with ThreadPoolExecutor(len(conversations)) as pool:
+            outs = [f.result() for f in [pool.submit(one, m) for m in conversations]]
+        first = min(start for start, _ in outs)
+        return [(start - first, result) for start, result in outs]
+
+    def new_conversation(self) -> None:
+        """Nothing to do: whether history is reused is the server's business, and measured."""
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def list_models(base_url: str, timeout: float = 10.0) -> list[str]:
+    response = httpx.get(f"{base_url.rstrip('/')}/models", timeout=timeout)
+    response.raise_for_status()
+    return [str(m["id"]) for m in response.json().get("data", [])]
+
+
+def resolve_model_name(ids: Sequence[str], model_dir: Path) -> str:
+    """Which of a server's model ids is ``model_dir``: its path, its name, or the only one."""
+    wanted = {str(model_dir), str(model_dir.resolve()), model_dir.name}
+    for model_id in ids:
+        if model_id in wanted:
+            return model_id
+    if len(ids) == 1:
+        return ids[0]
+    listed = ", ".join(ids) if ids else "(none)"
+    raise BenchError(f"cannot tell which model is {model_dir.name}; pass --model-name ({listed})")
+
+
+class InProcessTarget:
+    """The model driven with mlx-lm in this process: the baseline."""
+
+    name = BASELINE
+    in_process = True
+
+    def __init__(self, model_dir: Path, *, suppress_eos: bool) -> None:
+        self.model_dir = model_dir
+        self.suppress_eos = suppress_eos
+        self.model: Any = None
+        self.tokenizer: Any = None
+        self._conv_cache: list[Any] | None = None
+        self._conv_tokens: list[int] = []
+
+    @property
+    def pid(self) -> int | None:
+        return os.getpid()
+
+    def load(self) -> float:
+        """Load weights and tokenizer; returns the seconds it took."""
+        from mlx_lm import load
+
+        start = time.perf_counter()
+        self.model, self.tokenizer = load(str(self.model_dir))[:2]
+        return time.perf_counter() - start
+
+    def close(self) -> None:
+        import mlx.core as mx
+
+        self.model = self.tokenizer = self._conv_cache = None
+        # MLX keeps freed buffers in its own pool; hand them back before a server loads.
+        gc.collect()
+        mx.clear_cache()
+
+    def _generation_kwargs(self) -> dict[str, Any]:
+        from mlx_lm.sample_utils import make_logits_processors, make_sampler
+
+        kwargs: dict[str, Any] = {"sampler": make_sampler(temp=0.0)}
+        if self.suppress_eos:
+            bias = {int(t): -100.0 for t in self.tokenizer.eos_token_ids}
+            kwargs["logits_processors"] = make_logits_processors(logit_bias=bias)
+        return kwargs
+
+    def _tokens(self, messages: Messages) -> list[int]:
+        return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+
+    def new_conversation(self) -> None:
+        self._conv_cache, self._conv_tokens = None, []
+
+    def _reuse(self, tokens: list[int]) -> tuple[list[Any], int]:
+        """The conversation's cache trimmed to what ``tokens`` shares with it, and that length.
+
+        This is the best an application embedding mlx-lm can do for a chat: keep the KV cache
+        of the previous turn and prefill only the new suffix.
+        """
+        from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
+
+        common = min(common_prefix(self._conv_tokens, tokens), len(tokens) - 1)
+        cache = self._conv_cache
+        if cache is None or (common < len(self._conv_tokens) and not can_trim_prompt_cache(cache)):
+            cache, common = make_prompt_cache(self.model), 0
+        elif common < len(self._conv_tokens):
+            trim_prompt_cache(cache, len(self._conv_tokens) - common)
+        return cache, common
+
+    def _remember(self, cache: list[Any], known: list[int]) -> None:
+        offset = getattr(cache[0], "offset", None) if cache else None
+        if not isinstance(offset, int):
+            self.new_conversation()
+            return
+        self._conv_cache, self._conv_tokens = cache, known[:offset]
+
+    def chat(self, messages: Messages, max_tokens: int, conversation: bool = False) -> StreamResult:
+        from mlx_lm import stream_generate
+
+        start = time.perf_counter()
+        tokens = self._tokens(messages)
+        kwargs = self._generation_kwargs()
+        result, cached, generated, parts = StreamResult(), 0, [], []
+        if conversation:
+            kwargs["prompt_cache"], cached = self._reuse(tokens)
+            result.cached_tokens = cached
+        for response in stream_generate(
+            self.model, self.tokenizer, tokens[cached:], max_tokens=max_tokens, **kwargs
+        ):
+            now = time.perf_counter() - start
+            generated.append(int(response.token))
+            if response.finish_reason == "stop":  # the end-of-sequence token, not content
+                result.finish_time = now
+            else:
+                result.token_times.append(now)
+                parts.append(response.text)
+            if response.finish_reason is not None:
+                result.finish_reason = response.finish_reason
+                result.finish_time = now
+        result.end_time = time.perf_counter() - start
+        result.text = "".join(parts)
+        result.usage_prompt_tokens = len(tokens)
+        if conversation:
+            self._remember(kwargs["prompt_cache"], tokens + generated)
+        return result
+
+    def chat_many(
+        self, conversations: Sequence[Messages], max_tokens: int
+    ) -> list[tuple[float, StreamResult]]:
+        """All conversations at once through mlx-lm's batch generator (batched decode)."""
+        from mlx_lm.generate import BatchGenerator
+
+        kwargs = self._generation_kwargs()
+        gen = BatchGenerator(
+            self.model,
+            max_tokens=max_tokens,
+            stop_tokens=[[int(t)] for t in self.tokenizer.eos_token_ids],
+            sampler=kwargs["sampler"],
+            logits_processors=kwargs.get("logits_processors"),
+        )
+        start = time.perf_counter()
+        try:
+            prompts = [self._tokens(m) for m in conversations]
+            uids = gen.insert(prompts, [max_tokens] * len(prompts))
+            results = {
+                uid: StreamResult(usage_prompt_tokens=len(p)) for uid, p in zip(uids, prompts)
+            }
+            while responses := gen.next_generated():
+                now = time.perf_counter() - start
+                for r in responses:
+                    res = results[r.uid]
+                    if r.finish_reason != "stop":
+                        res.token_times.append(now)
+                    if r.finish_reason is not None:
+                        res.finish_reason, res.finish_time, res.end_time = r.finish_reason, now, now
+        finally:
+            gen.close()
+        return [(0.0, results[uid]) for uid in uids]
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+# --------------------------------------------------------------------------- spawned servers
+
+
+class SpawnedServer:
+    """A server process this benchmark starts, waits for, and stops (one at a time)."""
+
+    def __init__(self, name: str, argv: Sequence[str], base_url: str, log_path: Path) -> None:
+        self.name = name
+        self.argv = list(argv)
+        self.base_url = base_url
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+
+    def launch(self) -> int:
+        self._log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(self.argv, stdout=self._log, stderr=subprocess.STDOUT)
+        return self.proc.pid
+
+    def wait_ready(self, timeout: float) -> None:
+        """Poll ``/models`` until it answers 200; fail early if the process dies."""
+        assert self.proc is not None, "launch() first"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if (code := self.proc.poll()) is not None:
+                raise BenchError(
+                    f"{self.name} exited with {code} before it was ready\n{self.tail()}"
+                )
+            try:
+                if httpx.get(f"{self.base_url}/models", timeout=2.0).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        raise BenchError(f"{self.name} was not ready after {timeout:.0f}s\n{self.tail()}")
+
+    def tail(self, lines: int = 15) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+
+def listening_pid(port: int) -> int | None:
+    """The process listening on a local TCP port, when the OS lets us see it."""
+    try:
+        connections = psutil.net_connections(kind="tcp")
+    except (psutil.AccessDenied, PermissionError):
+        return None
+    for conn in connections:
+        if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port:
+            return conn.pid
+    return None
+
+
+# --------------------------------------------------------------------------- memory
+
+
+class MemoryWatch:
+    """Peak RSS of a process and its children, sampled in a background thread; MLX's peak too."""
+
+    def __init__(self, pid: int | None, mlx: bool, interval: float = 0.05) -> None:
+        self.pid = pid
+        self.mlx = mlx
+        self.interval = interval
+        self.peak_rss: int | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _sample(self) -> None:
+        assert self.pid is not None
+        try:
+            proc = psutil.Process(self.pid)
+        except psutil.Error:
+            return
+        while True:
+            try:
+                rss = proc.memory_info().rss
+                rss += sum(c.memory_info().rss for c in proc.children(recursive=True))
+            except psutil.Error:
+                return
+            self.peak_rss = max(rss, self.peak_rss or 0)
+            if self._stop.wait(self.interval):
+                return
+
+    def start(self) -> MemoryWatch:
+        if self.mlx:
+            import mlx.core as mx
+
+            mx.reset_peak_memory()
+        if self.pid is not None:
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> tuple[int | None, int | None]:
+        """(peak RSS, MLX peak) in bytes, each None when not measurable."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        mlx_peak = None
+        if self.mlx:
+            import mlx.core as mx
+
+            mlx_peak = int(mx.get_peak_memory())
+        return self.peak_rss, mlx_peak
+
+
+# --------------------------------------------------------------------------- prompts
+
+_WORDS = [
+    "river",
+    "mountain",
+    "garden",
+    "window",
+    "silver",
+    "morning",
+    "evening",
+    "harbor",
+    "village",
+    "market",
+    "bridge",
+    "lantern",
+    "forest",
+    "meadow",
+    "valley",
+    "ocean",
+    "island",
+    "desert",
+    "winter",
+    "summer",
+    "autumn",
+    "spring",
+    "thunder",
+    "candle",
+    "library",
+    "teacher",
+    "student",
+    "painter",
+    "farmer",
+    "baker",
+    "doctor",
+    "sailor",
+    "engineer",
+    "musician",
+    "traveler",
+    "quietly",
+    "slowly",
+    "brightly",
+    "gently",
+    "carefully",
+    "suddenly",
+    "always",
+    "often",
+    "never",
+    "sometimes",
+    "build",
+    "carry",
+    "follow",
+    "gather",
+    "listen",
+    "measure",
+    "notice",
+    "open",
+    "remember",
+    "travel",
+    "wander",
+    "write",
+    "ancient",
+    "bright",
+    "careful",
+    "distant",
+    "empty",
+    "gentle",
+    "golden",
+    "hidden",
+    "narrow",
+    "patient",
+    "silent",
+    "wooden",
+    "the",
+    "a",
+    "of",
+    "and",
+    "to",
+    "in",
+    "with",
+    "from",
+    "under",
+    "over",
+    "near",
+    "beyond",
+    "through",
+    "across",
+    "between",
+]
+
+LONG_OUTPUT_REQUEST = (
+    "Count from 1 to 10000, writing every number in English words, one per line. "
+    "Do not skip numbers, do not stop early and do not add any other text."
+)
+
+
+def fit(count: Callable[[int], int], target: int, limit: int = 1 << 20) -> int:
+    """The largest n with count(n) <= target, for a non-decreasing count (0 if none fits)."""
+    lo, hi = 0, 1
+    while count(hi) <= target:
+        lo, hi = hi, hi * 2
+        if hi > limit:
+            return lo
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if count(mid) <= target:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+class PromptBook:
+    """Deterministic prompts, sized in tokens with the model's own tokenizer and chat template.
+
+    Every request begins with a distinct system line (``nonce``), so no server can answer it
+    from a prefix cache filled by another request; only the chat scenario shares history.
+    """
+
+    def __init__(self, tokenizer: Any, seed: int = 0) -> None:
+        self.tokenizer = tokenizer
+        self._rng = random.Random(seed)
+        self._words: list[str] = []
+
+    def count(self, messages: Messages) -> int:
+        return len(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+
+    def filler(self, start: int, n_words: int) -> str:
+        """Plain sentences of ~12 words, from a fixed pseudo-random word stream."""
+        while len(self._words) < start + n_words:
+            self._words.append(self._rng.choice(_WORDS))
+        words = self._words[start : start + n_words]
+        sentences = [" ".join(words[i : i + 12]) for i in range(0, len(words), 12)]
+        return " ".join(s[:1].upper() + s[1:] + "." for s in sentences)
+
+    @staticmethod
+    def system(nonce: str) -> dict[str, str]:
+        return {"role": "system", "content": f"Benchmark request {nonce}. Answer plainly."}
+
+    def long_output(self, nonce: str) -> Messages:
+        return [self.system(nonce), {"role": "user", "content": LONG_OUTPUT_REQUEST}]
+
+    def sized(self, nonce: str, n_tokens: int) -> Messages:
+        """A request whose rendered prompt is as close to ``n_tokens`` as fits under it."""
+
+        def build(n_words: int) -> Messages:
+            text = self.filler(0, n_words) + "\n\nSummarize the text above in one sentence."
+            return [self.system(nonce), {"role": "user", "content": text}]
+
+        return build(fit(lambda n: self.count(build(n)), n_tokens))
+
+    def chat_user(self, turn: int, n_tokens: int) -> str:
+        """The user's message for a chat turn: a distinct passage of about ``n_tokens``."""
+        question = f"\n\nQuestion {turn}: what is the passage above about? Answer briefly."
+
+        def text(n_words: int) -> str:
+            return self.filler(turn * 100_000, n_words) + question
+
+        n = fit(lambda k: len(self.tokenizer.encode(text(k), add_special_tokens=False)), n_tokens)
+        return text(n)
+
+
+# --------------------------------------------------------------------------- scenarios
+
+ALL_SCENARIOS = ("cold", "warm", "decode", "prefill", "chat", "concurrency")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How much of each scenario to run."""
+
+    repeats: int
+    short_max_tokens: int  # cold and warm TTFT
+    decode_max_tokens: int
+    prefill_lengths: tuple[int, ...]
+    prefill_max_tokens: int
+    chat_turns: int
+    chat_user_tokens: int
+    chat_max_tokens: int
+    concurrency: tuple[int, ...]
+    concurrency_max_tokens: int
+    scenarios: tuple[str, ...] = ALL_SCENARIOS
+    suppress_eos: bool = False
+
+
+FULL = Plan(
+    repeats=3,
+    short_max_tokens=16,
+    decode_max_tokens=256,
+    prefill_lengths=(128, 512, 2048, 8192, 32768),
+    prefill_max_tokens=4,
+    chat_turns=5,
+    chat_user_tokens=420,
+    chat_max_tokens=64,
+    concurrency=(1, 4, 8),
+    concurrency_max_tokens=128,
+)
+
+QUICK = Plan(
+    repeats=1,
+    short_max_tokens=8,
+    decode_max_tokens=32,
+    prefill_lengths=(64, 256),
+    prefill_max_tokens=2,
+    chat_turns=5,
+    chat_user_tokens=24,
+    chat_max_tokens=12,
+    concurrency=(1, 4),
+    concurrency_max_tokens=12,
+)
+
+
+@dataclass
+class TargetRun:
+    """What one target produced."""
+
+    records: list[RequestRecord] = field(default_factory=list)
+    memory: list[MemoryRecord] = field(default_factory=list)
+
+
+def _progress(say: Say, rec: RequestRecord, label: str) -> None:
+    res = rec.result
+    ttft = res.ttft
+    tps = res.decode_tps
+    say(
+        f"{rec.target}: {label}: prompt {rec.prompt_tokens} tok, "
+        f"TTFT {'—' if ttft is None else f'{ttft * 1000:.0f} ms'}, "
+        f"{res.completion_tokens} tok"
+        + ("" if tps is None else f", {tps:.1f} tok/s")
+        + (f", cached {res.cached_tokens}" if res.cached_tokens else "")
+    )
+
+
+def run_target(target: Target, plan: Plan, book: PromptBook, say: Say) -> TargetRun:
+    """Every scenario of ``plan`` against one target, cold first, memory watched per scenario."""
+    out = TargetRun()
+
+    def single(scenario: str, param: int | None, repeat: int, messages: Messages, n: int) -> None:
+        result = target.chat(messages, n, conversation=scenario == "chat")
+        rec = RequestRecord(target.name, scenario, param, repeat, book.count(messages), result)
+        out.records.append(rec)
+        suffix = "" if param is None else f" {param}"
+        _progress(say, rec, f"{scenario}{suffix} #{repeat + 1}")
+
+    def cold() -> None:
+        single("cold", None, 0, book.long_output("cold"), plan.short_max_tokens)
+
+    def warm() -> None:
+        for r in range(plan.repeats):
+            single("warm", None, r, book.long_output(f"warm-{r}"), plan.short_max_tokens)
+
+    def decode() -> None:
+        for r in range(plan.repeats):
+            single("decode", None, r, book.long_output(f"decode-{r}"), plan.decode_max_tokens)
+
+    def prefill() -> None:
+        for length in plan.prefill_lengths:
+            for r in range(plan.repeats):
+                messages = book.sized(f"prefill-{length}-{r}", length)
+                single("prefill", length, r, messages, plan.prefill_max_tokens)
+
+    def chat() -> None:
+        for r in range(plan.repeats):
+            target.new_conversation()
+            history: Messages = [book.system(f"chat-{r}")]
+            for turn in range(1, plan.chat_turns + 1):
+                history.append(
+                    {"role": "user", "content": book.chat_user(turn, plan.chat_user_tokens)}
+                )
+                single("chat", turn, r, list(history), plan.chat_max_tokens)
+                history.append({"role": "assistant", "content": out.records[-1].result.text})
+        target.new_conversation()
+
+    def concurrency() -> None:
+        for streams in plan.concurrency:
+            for r in range(plan.repeats):
+                convs = [book.long_output(f"streams-{streams}-{r}-{i}") for i in range(streams)]
+                outs = target.chat_many(convs, plan.concurrency_max_tokens)
+                group = [
+                    RequestRecord(
+                        target.name, "concurrency", streams, r, book.count(m), res, i, offset
+                    )
+                    for i, (m, (offset, res)) in enumerate(zip(convs, outs))
+                ]
+                out.records.extend(group)
+                tokens = sum(g.result.completion_tokens for g in group)
+                wall = max(g.start_offset + g.result.end_time for g in group)
+                say(
+                    f"{target.name}: {streams} streams #{r + 1}: {tokens} tok in {wall:.2f} s "
+                    f"({tokens / wall:.1f} tok/s aggregate)"
+                )
+
+    steps: dict[str, Callable[[], None]] = {
+        "cold": cold,
+        "warm": warm,
+        "decode": decode,
+        "prefill": prefill,
+        "chat": chat,
+        "concurrency": concurrency,
+    }
+    for scenario in ALL_SCENARIOS:
+        if scenario not in plan.scenarios:
+            continue
+        watch = MemoryWatch(target.pid, mlx=target.in_process).start()
+        try:
+            steps[scenario]()
+        finally:
+            rss, mlx_peak = watch.stop()
+            out.memory.append(MemoryRecord(target.name, scenario, rss, mlx_peak))
+    return out

@@ -1,0 +1,98 @@
+"""An mlxd server running in this process (uvicorn on a loopback port, in a thread).
+
+Used where a test must inject something into the real engine — e.g. a logits processor that
+scripts the output of a random-weight model — while still going through real HTTP.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import mlx.core as mx
+import uvicorn
+
+from server.app import create_app
+from server.config import ModelsFile, Settings
+from server.engine import GenerationChunk, GenerationRequest, MLXEngine
+from server.random_model import ScriptedLogits
+from tests.conftest import free_port
+
+Segment = str | int  # text to force, or a number of steps left to the model (and the server)
+
+
+class Script:
+    """A test-only logits processor: forces texts and leaves gaps, segment by segment.
+
+    ``["abc", 3, "def"]`` forces the tokens of "abc", lets 3 steps through untouched (e.g. a
+    prefix the server itself forces), forces "def", then ``<|im_end|>``.
+    """
+
+    def __init__(self, segments: list[Segment], tokenizer: Any) -> None:
+        self.plan: list[int | None] = []  # token to force at each step, None = free
+        for seg in segments:
+            if isinstance(seg, int):
+                self.plan += [None] * seg
+            else:
+                self.plan += tokenizer.encode(seg, add_special_tokens=False)
+        self.plan.append(tokenizer.convert_tokens_to_ids("<|im_end|>"))
+        self._start: int | None = None
+
+    def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
+        if self._start is None:
+            self._start = tokens.shape[-1]
+        step = tokens.shape[-1] - self._start
+        if step >= len(self.plan) or self.plan[step] is None:
+            return logits
+        return ScriptedLogits([self.plan[step]])(tokens[:0], logits)  # type: ignore[list-item]
+
+
+class ScriptedEngine(MLXEngine):
+    """The real MLX engine; each generation may be made to follow a :class:`Script`.
+
+    ``scripts`` holds one segment list per request, consumed in order.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scripts: list[list[Segment]] = []
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        if self.scripts:
+            request.extra_processors.append(Script(self.scripts.pop(0), request.tokenizer))
+        async for chunk in super().generate(request):
+            yield chunk
+
+
+@contextlib.contextmanager
+def serve_in_thread(
+    models: ModelsFile, home: Path, engine: MLXEngine, **settings: Any
+) -> Iterator[str]:
+    port = free_port()
+    config = Settings(host="127.0.0.1", port=port, home=home, config_path=home / "models.yaml",
+                      **settings)  # fmt: skip
+    app = create_app(config, engine_factory=lambda _: engine, models=models)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    root = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(f"{root}/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("in-process mlxd did not start")
+        time.sleep(0.05)
+    try:
+        yield f"{root}/v1"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
