@@ -135,10 +135,10 @@ class ChatRun:
             parsed = tools.feed(text)
             content, calls, invalid = parsed.content, list(parsed.calls), list(parsed.invalidated)
             if final:
-                rest = tools.finish()
-                content += rest.content
-                calls += rest.calls
-                invalid += rest.invalidated
+                tail = tools.finish()
+                content += tail.content
+                calls += tail.calls
+                invalid += tail.invalidated
             return Delta(content, reasoning, calls, invalid)
 
         try:

@@ -43,7 +43,9 @@ ASK = [{"role": "user", "content": "What's the weather in Seoul?"}]
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[openai.OpenAI, ScriptedEngine, dict[str, Path]]]:  # fmt: skip
+def setup(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[openai.OpenAI, ScriptedEngine, dict[str, Path]]]:
     base = tmp_path_factory.mktemp("qwen-tiny")
     cache = base / "token-cache"
     dirs = {
@@ -87,8 +89,13 @@ def ask(client: openai.OpenAI, model: str, stream: bool, **kw: Any) -> dict[str,
                 if tc.function and tc.function.arguments:
                     slot["arguments"] += tc.function.arguments
             finish = choice.finish_reason or finish
-    return {"content": content or None, "reasoning": reasoning or None,
-            "calls": [calls[i] for i in sorted(calls)], "finish": finish, "deltas": deltas}  # fmt: skip
+    return {
+        "content": content or None,
+        "reasoning": reasoning or None,
+        "calls": [calls[i] for i in sorted(calls)],
+        "finish": finish,
+        "deltas": deltas,
+    }
 
 
 JSON_CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Seoul"}}\n</tool_call>'
