@@ -100,7 +100,7 @@ xml_escape() {
 
 # A path as systemd reads it in ExecStart: %h for the home directory, % doubled, quoted if needed.
 systemd_path() {
-    local path=${1//%/%%} home=${HOME//%/%%}
+    local path=${1//\%/%%} home=${HOME//\%/%%}
     if [[ $path == "$home"/* ]]; then
         path=%h/${path#"$home"/}
     fi
@@ -140,7 +140,7 @@ install_macos() {
 
 install_linux() {
     local units=${XDG_CONFIG_HOME:-$HOME/.config}/systemd/user
-    local target=$units/mlxd.service
+    local target=$units/mlxd.service default_bin='%h/mlxd/.venv/bin/mlxd'
     if ((uninstall)); then
         run systemctl --user disable --now mlxd.service || true
         run rm -f "$target"
@@ -150,7 +150,7 @@ install_linux() {
     find_bin
     local text
     text=$(<"$here/linux/mlxd.service")
-    text=${text//%h\/mlxd\/.venv\/bin\/mlxd/$(systemd_path "$bin")}
+    text=${text//"$default_bin"/$(systemd_path "$bin")}
     run mkdir -p "$units"
     printf '%s\n' "$text" | write "$target"
     run systemctl --user daemon-reload

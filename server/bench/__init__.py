@@ -348,9 +348,10 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _port_of(url: str) -> int | None:
-    match = re.match(r"^[a-z]+://[^/:]+:(\d+)", url)
-    return int(match.group(1)) if match else None
+def _local_pid(url: str) -> int | None:
+    """The pid of a server on this machine at ``url``, for its memory (None when remote)."""
+    match = re.match(r"^https?://(127\.0\.0\.1|localhost|\[::1\]):(\d+)", url)
+    return listening_pid(int(match.group(2))) if match else None
 
 
 def _check_names(specs: Sequence[TargetSpec], baseline: bool) -> None:
@@ -393,39 +394,40 @@ class _Session:
         finally:
             target.close()
 
+    def _spawn(self, spec: TargetSpec, command: str) -> SpawnedServer:
+        """Start a server on a free port and wait until it lists its models."""
+        port = _free_port()
+        line = command.format(
+            python=shlex.quote(sys.executable),
+            model_dir=shlex.quote(str(self.args.model_dir)),
+            port=port,
+        )
+        url = f"http://127.0.0.1:{port}/v1"
+        spawned = SpawnedServer(
+            spec.name, shlex.split(line), url, self.out / f"{slug(spec.name)}.log"
+        )
+        self.say(f"{spec.name}: starting {line}")
+        start = time.perf_counter()
+        watch = MemoryWatch(spawned.launch(), mlx=False).start()
+        try:
+            spawned.wait_ready(self.args.startup_timeout)
+        finally:
+            rss, _ = watch.stop()
+        self.startup[spec.name] = time.perf_counter() - start
+        self.memory.append(MemoryRecord(spec.name, "startup", rss, None))
+        self.say(f"{spec.name}: ready after {self.startup[spec.name]:.1f} s")
+        return spawned
+
     def server(self, spec: TargetSpec) -> None:
         spawned: SpawnedServer | None = None
         client: HttpTarget | None = None
         try:
-            pid: int | None
             if spec.command is not None:
-                port = _free_port()
-                command = spec.command.format(
-                    python=shlex.quote(sys.executable),
-                    model_dir=shlex.quote(str(self.args.model_dir)),
-                    port=port,
-                )
-                url = f"http://127.0.0.1:{port}/v1"
-                spawned = SpawnedServer(
-                    spec.name, shlex.split(command), url, self.out / f"{slug(spec.name)}.log"
-                )
-                self.say(f"{spec.name}: starting {command}")
-                start = time.perf_counter()
-                pid = spawned.launch()
-                watch = MemoryWatch(pid, mlx=False).start()
-                try:
-                    spawned.wait_ready(self.args.startup_timeout)
-                finally:
-                    rss, _ = watch.stop()
-                self.startup[spec.name] = time.perf_counter() - start
-                self.memory.append(MemoryRecord(spec.name, "startup", rss, None))
-                self.say(f"{spec.name}: ready after {self.startup[spec.name]:.1f} s")
+                spawned = self._spawn(spec, spec.command)
+                url, pid = spawned.base_url, spawned.pid
             else:
                 assert spec.url is not None
-                url = spec.url
-                port = _port_of(url)
-                local = any(host in url for host in ("://127.0.0.1:", "://localhost:", "://[::1]:"))
-                pid = listening_pid(port) if port is not None and local else None
+                url, pid = spec.url, _local_pid(spec.url)
             model = self.args.model_name or resolve_model_name(
                 list_models(url), self.args.model_dir
             )

@@ -100,7 +100,7 @@ class StreamResult:
 
     @property
     def inter_token_s(self) -> list[float]:
-        return [b - a for a, b in zip(self.token_times, self.token_times[1:])]
+        return [b - a for a, b in zip(self.token_times, self.token_times[1:], strict=False)]
 
 
 @dataclass

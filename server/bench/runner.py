@@ -384,7 +384,8 @@ class InProcessTarget:
             prompts = [self._tokens(m) for m in conversations]
             uids = gen.insert(prompts, [max_tokens] * len(prompts))
             results = {
-                uid: StreamResult(usage_prompt_tokens=len(p)) for uid, p in zip(uids, prompts)
+                uid: StreamResult(usage_prompt_tokens=len(p))
+                for uid, p in zip(uids, prompts, strict=True)
             }
             while responses := gen.next_generated():
                 now = time.perf_counter() - start
@@ -401,7 +402,7 @@ class InProcessTarget:
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     n = 0
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=False):
         if x != y:
             break
         n += 1
@@ -421,6 +422,10 @@ class SpawnedServer:
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return None if self.proc is None else self.proc.pid
 
     def launch(self) -> int:
         self._log = self.log_path.open("wb")
@@ -531,92 +536,17 @@ class MemoryWatch:
 
 # --------------------------------------------------------------------------- prompts
 
-_WORDS = [
-    "river",
-    "mountain",
-    "garden",
-    "window",
-    "silver",
-    "morning",
-    "evening",
-    "harbor",
-    "village",
-    "market",
-    "bridge",
-    "lantern",
-    "forest",
-    "meadow",
-    "valley",
-    "ocean",
-    "island",
-    "desert",
-    "winter",
-    "summer",
-    "autumn",
-    "spring",
-    "thunder",
-    "candle",
-    "library",
-    "teacher",
-    "student",
-    "painter",
-    "farmer",
-    "baker",
-    "doctor",
-    "sailor",
-    "engineer",
-    "musician",
-    "traveler",
-    "quietly",
-    "slowly",
-    "brightly",
-    "gently",
-    "carefully",
-    "suddenly",
-    "always",
-    "often",
-    "never",
-    "sometimes",
-    "build",
-    "carry",
-    "follow",
-    "gather",
-    "listen",
-    "measure",
-    "notice",
-    "open",
-    "remember",
-    "travel",
-    "wander",
-    "write",
-    "ancient",
-    "bright",
-    "careful",
-    "distant",
-    "empty",
-    "gentle",
-    "golden",
-    "hidden",
-    "narrow",
-    "patient",
-    "silent",
-    "wooden",
-    "the",
-    "a",
-    "of",
-    "and",
-    "to",
-    "in",
-    "with",
-    "from",
-    "under",
-    "over",
-    "near",
-    "beyond",
-    "through",
-    "across",
-    "between",
-]
+# Plain words for filler text: common, single-token in most vocabularies.
+_WORD_TEXT = (
+    "river mountain garden window silver morning evening harbor village market bridge "
+    "lantern forest meadow valley ocean island desert winter summer autumn spring thunder "
+    "candle library teacher student painter farmer baker doctor sailor engineer musician "
+    "traveler quietly slowly brightly gently carefully suddenly always often never sometimes "
+    "build carry follow gather listen measure notice open remember travel wander write "
+    "ancient bright careful distant empty gentle golden hidden narrow patient silent wooden "
+    "the a of and to in with from under over near beyond through across between "
+)
+_WORDS = tuple(_WORD_TEXT.split())
 
 LONG_OUTPUT_REQUEST = (
     "Count from 1 to 10000, writing every number in English words, one per line. "
@@ -810,7 +740,7 @@ def run_target(target: Target, plan: Plan, book: PromptBook, say: Say) -> Target
                     RequestRecord(
                         target.name, "concurrency", streams, r, book.count(m), res, i, offset
                     )
-                    for i, (m, (offset, res)) in enumerate(zip(convs, outs))
+                    for i, (m, (offset, res)) in enumerate(zip(convs, outs, strict=True))
                 ]
                 out.records.extend(group)
                 tokens = sum(g.result.completion_tokens for g in group)
