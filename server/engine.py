@@ -105,6 +105,7 @@ class MLXEngine:
         self.prefix_cache = PrefixCache(prefix_cache_bytes)
         self.generations = 0
         self.tokens_generated = 0
+        self._waiting: set[Callable[[BaseException], None]] = set()
         self._thread = threading.Thread(target=self._run, name="mlxd-mlx", daemon=True)
         self._thread.start()
 
@@ -120,6 +121,9 @@ class MLXEngine:
         except BaseException as exc:  # keep the cause for every later caller
             self._dead = exc
             log.exception("MLX worker thread died")
+            # Whoever still waits on a generation is told now instead of waiting forever.
+            for notify in list(self._waiting):
+                notify(EngineFailure(f"the MLX worker thread died: {exc!r}"))
 
     async def _call(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` on the MLX thread and await its result."""
@@ -256,14 +260,11 @@ class MLXEngine:
             except Exception as exc:
                 emit(exc)
 
+        self._waiting.add(emit)
         self._jobs.put(job)
         try:
             while True:
-                try:
-                    item = await asyncio.wait_for(out.get(), timeout=5.0)
-                except asyncio.TimeoutError:
-                    self._check_alive()  # a dead worker must surface, not hang the request
-                    continue
+                item = await out.get()
                 if isinstance(item, BaseException):
                     if isinstance(item, EngineFailure):
                         raise item
@@ -274,6 +275,7 @@ class MLXEngine:
                 if item.finish_reason is not None:
                     return
         finally:
+            self._waiting.discard(emit)
             # Client gone or consumer stopped early: the worker sees this within one token.
             request.cancel.set()
 

@@ -240,7 +240,9 @@ def make_plan(args: argparse.Namespace, context: int | None) -> Plan:
 # --------------------------------------------------------------------------- metadata
 
 
-def model_summary(config: Mapping[str, Any], weights_bytes: int, name: str) -> dict[str, Any]:
+def model_summary(
+    config: Mapping[str, Any], weights_bytes: int, name: str, dtype: str | None = None
+) -> dict[str, Any]:
     """The shape facts of a model config that explain its speed and memory."""
     text = config.get("text_config") or {}
     cfg = {**config, **text}
@@ -248,7 +250,8 @@ def model_summary(config: Mapping[str, Any], weights_bytes: int, name: str) -> d
     if isinstance(quant, Mapping) and quant.get("bits"):
         quantization = f"{quant['bits']}-bit (group {quant.get('group_size', '?')})"
     else:
-        quantization = f"none ({cfg.get('torch_dtype') or cfg.get('dtype') or 'dtype unknown'})"
+        dtype = cfg.get("torch_dtype") or cfg.get("dtype") or dtype or "dtype unknown"
+        quantization = f"none ({dtype})"
     return {
         "name": name,
         "type": cfg.get("model_type"),
@@ -269,8 +272,29 @@ def read_model_summary(model_dir: Path) -> dict[str, Any]:
     if not config_path.is_file():
         raise BenchError(f"{model_dir} is not an mlx-lm model directory (no config.json)")
     config = json.loads(config_path.read_text())
-    weights = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
-    return model_summary(config, weights, model_dir.resolve().name)
+    shards = sorted(model_dir.glob("*.safetensors"))
+    weights = sum(f.stat().st_size for f in shards)
+    dtype = weights_dtype(shards[0]) if shards else None
+    return model_summary(config, weights, model_dir.resolve().name, dtype)
+
+
+def weights_dtype(shard: Path) -> str | None:
+    """The most common floating-point dtype in a safetensors shard, from its header alone."""
+    try:
+        with shard.open("rb") as fh:
+            size = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(size))
+    except (OSError, ValueError):
+        return None
+    counts: dict[str, int] = {}
+    for name, info in header.items():
+        dtype = info.get("dtype") if isinstance(info, dict) and name != "__metadata__" else None
+        if dtype in {"F16", "BF16", "F32"}:
+            counts[dtype] = counts.get(dtype, 0) + 1
+    if not counts:
+        return None
+    best = max(counts, key=lambda d: counts[d])
+    return {"F16": "float16", "BF16": "bfloat16", "F32": "float32"}[best]
 
 
 def _run(argv: Sequence[str]) -> str | None:

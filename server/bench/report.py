@@ -286,6 +286,8 @@ def fmt_number(value: float | None) -> str:
     if value is None:
         return "—"
     magnitude = abs(value)
+    if value.is_integer() and magnitude < 1e6:
+        return f"{int(value):,}"
     if magnitude >= 100:
         return f"{value:,.0f}"
     if magnitude >= 10:

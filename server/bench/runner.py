@@ -246,21 +246,33 @@ class HttpTarget:
 
 
 def list_models(base_url: str, timeout: float = 10.0) -> list[str]:
+    """The model ids a server lists; empty when it lists none or its answer is not a list."""
     response = httpx.get(f"{base_url.rstrip('/')}/models", timeout=timeout)
     response.raise_for_status()
-    return [str(m["id"]) for m in response.json().get("data", [])]
+    try:
+        data = response.json().get("data", [])
+    except (ValueError, AttributeError):
+        return []
+    return [str(m["id"]) for m in data if isinstance(m, dict) and "id" in m]
 
 
 def resolve_model_name(ids: Sequence[str], model_dir: Path) -> str:
-    """Which of a server's model ids is ``model_dir``: its path, its name, or the only one."""
+    """Which of a server's model ids is ``model_dir``: its path, its name, or the only one.
+
+    A server that lists nothing gets the directory as given, which is what a server started
+    with ``--model DIR`` knows it by.
+    """
+    if not ids:
+        return str(model_dir)
     wanted = {str(model_dir), str(model_dir.resolve()), model_dir.name}
     for model_id in ids:
         if model_id in wanted:
             return model_id
     if len(ids) == 1:
         return ids[0]
-    listed = ", ".join(ids) if ids else "(none)"
-    raise BenchError(f"cannot tell which model is {model_dir.name}; pass --model-name ({listed})")
+    raise BenchError(
+        f"cannot tell which model is {model_dir.name}; pass --model-name (one of {', '.join(ids)})"
+    )
 
 
 class InProcessTarget:
