@@ -5,8 +5,9 @@ as metadata. mlx-lm wants a Hugging Face-style directory instead: ``config.json`
 ``model*.safetensors`` with HF tensor names, and ``tokenizer.json`` + ``tokenizer_config.json``.
 This module rebuilds that directory from the file:
 
-- the header (metadata and tensor table) is parsed here, so the tensor types can be checked before
-  anything is loaded and ``gguf_metadata`` stays cheap;
+- the header (metadata and tensor table) is parsed here, so the tensor types, and that every
+  tensor lies inside the file (a truncated download), are checked before anything is loaded, and
+  ``gguf_metadata`` stays cheap;
 - the tensors are read with ``mx.load``, which keeps Q4_0/Q4_1/Q8_0 in MLX's affine quantized
   layout (group size 32) and cannot decode K-quants or IQ types, so those are refused up front;
 - llama.cpp's converter permutes the rows of Q and K for llama models (its RoPE pairs adjacent
@@ -347,8 +348,8 @@ def _token_ids(metadata: Mapping[str, Any], *keys: str) -> list[int]:
     ids: list[int] = []
     for key in keys:
         value = metadata.get(f"tokenizer.ggml.{key}")
-        if value is not None and value not in ids:
-            ids.append(int(value))
+        if isinstance(value, int) and value not in ids:
+            ids.append(value)
     return ids
 
 
@@ -367,9 +368,17 @@ def build_config(metadata: Mapping[str, Any], tensor_names: Collection[str]) -> 
             raise GGUFImportError(f"GGUF metadata lacks {arch}.{key}")
         if isinstance(value, list):
             raise GGUFImportError(f"per-layer {arch}.{key} is not supported")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise GGUFImportError(f"GGUF metadata {arch}.{key} = {value!r} is not a number")
         return value
 
-    if get("expert_count", 0):
+    def count(key: str, default: int | None = None, minimum: int = 1) -> int:
+        value = get(key, default)
+        if not isinstance(value, int) or value < minimum:
+            raise GGUFImportError(f"GGUF metadata {arch}.{key} = {value!r} is not a valid count")
+        return value
+
+    if count("expert_count", 0, minimum=0):
         raise GGUFImportError("mixture-of-experts llama GGUFs are not supported")
     if "rope_freqs.weight" in tensor_names:
         raise GGUFImportError(
@@ -377,45 +386,48 @@ def build_config(metadata: Mapping[str, Any], tensor_names: Collection[str]) -> 
             "which the importer does not support"
         )
 
-    hidden = int(get("embedding_length"))
-    heads = int(get("attention.head_count"))
-    head_dim = int(get("attention.key_length", hidden // heads))
-    if int(get("rope.dimension_count", head_dim)) != head_dim:
+    hidden = count("embedding_length")
+    heads = count("attention.head_count")
+    head_dim = count("attention.key_length", hidden // heads)
+    if count("rope.dimension_count", head_dim) != head_dim:
         raise GGUFImportError("partial rotary embeddings are not supported for llama GGUFs")
 
     tokens = metadata.get("tokenizer.ggml.tokens")
-    vocab_size = metadata.get(f"{arch}.vocab_size", len(tokens) if tokens else None)
-    if vocab_size is None:
-        raise GGUFImportError(f"GGUF metadata gives no vocabulary size ({arch}.vocab_size)")
+    vocab_size = count("vocab_size", len(tokens) if isinstance(tokens, list) and tokens else None)
 
     config: dict[str, Any] = {
         "model_type": arch,
         "architectures": ["LlamaForCausalLM"],
         "hidden_size": hidden,
-        "num_hidden_layers": int(get("block_count")),
-        "intermediate_size": int(get("feed_forward_length")),
+        "num_hidden_layers": count("block_count"),
+        "intermediate_size": count("feed_forward_length"),
         "num_attention_heads": heads,
-        "num_key_value_heads": int(get("attention.head_count_kv", heads)),
+        "num_key_value_heads": count("attention.head_count_kv", heads),
         "head_dim": head_dim,
         "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon")),
         "rope_theta": float(get("rope.freq_base", 10000.0)),
-        "max_position_embeddings": int(get("context_length")),
-        "vocab_size": int(vocab_size),
+        "max_position_embeddings": count("context_length"),
+        "vocab_size": vocab_size,
         "tie_word_embeddings": "output.weight" not in tensor_names,
         "attention_bias": "blk.0.attn_q.bias" in tensor_names,
         "mlp_bias": "blk.0.ffn_gate.bias" in tensor_names,
     }
 
     scaling = metadata.get(f"{arch}.rope.scaling.type", "none")
-    factor = metadata.get(f"{arch}.rope.scaling.factor", metadata.get(f"{arch}.rope.scale_linear"))
     if scaling not in ("none", "linear"):
         raise GGUFImportError(f"RoPE scaling {scaling!r} is not supported; supported: linear")
-    if scaling == "linear" and factor is None:
+    # Older files give a linear factor as rope.scale_linear, with no scaling type.
+    factor_keys = [
+        k for k in ("rope.scaling.factor", "rope.scale_linear") if f"{arch}.{k}" in metadata
+    ]
+    if factor_keys:
+        factor = float(get(factor_keys[0]))
+        if factor != 1.0:
+            config["rope_scaling"] = {"type": "linear", "factor": factor}
+    elif scaling == "linear":
         raise GGUFImportError(
             f"GGUF metadata sets linear RoPE scaling but no {arch}.rope.scaling.factor"
         )
-    if factor not in (None, 1.0):
-        config["rope_scaling"] = {"type": "linear", "factor": float(factor)}
 
     bos = _token_ids(metadata, "bos_token_id")
     eos = _token_ids(metadata, "eos_token_id", "eot_token_id", "eom_token_id")
@@ -467,7 +479,10 @@ def _backend_tokenizer(metadata: Mapping[str, Any]) -> Any:
         raise GGUFImportError("GGUF metadata holds no tokenizer (tokenizer.ggml.tokens)")
     try:
         backend, _ = convert_gguf_tokenizer(metadata["general.architecture"], tokenizer_dict)
-    except ValueError as e:
+    # Broad on purpose: inconsistent vocabularies (a merge naming a missing token, no scores for
+    # a sentencepiece vocabulary) surface from transformers and the tokenizers extension as
+    # ValueError, KeyError, TypeError or a bare Exception.
+    except Exception as e:
         raise GGUFImportError(f"cannot rebuild the GGUF tokenizer: {e}") from e
     return backend
 
@@ -746,18 +761,25 @@ def _temporary_sibling(path: Path) -> Path:
     return path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
 
 
+def _check_replaceable(out_dir: Path) -> None:
+    """Refuse a destination that holds something other than an earlier import."""
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise GGUFImportError(f"{out_dir} exists and is not a directory")
+    if read_marker(out_dir) is None and any(out_dir.iterdir()):
+        raise GGUFImportError(
+            f"{out_dir} exists and is not a GGUF import; refusing to overwrite it"
+        )
+
+
 def _install(tmp: Path, out_dir: Path, expected: Mapping[str, Any]) -> None:
     """Move a finished import into place, replacing only a stale import or an empty directory."""
     old: Path | None = None
     if out_dir.exists():
         if is_current(out_dir, expected):  # another process finished the same import first
             return
-        if not out_dir.is_dir():
-            raise GGUFImportError(f"{out_dir} exists and is not a directory")
-        if read_marker(out_dir) is None and any(out_dir.iterdir()):
-            raise GGUFImportError(
-                f"{out_dir} exists and is not a GGUF import; refusing to overwrite it"
-            )
+        _check_replaceable(out_dir)  # again: it may have appeared during the conversion
         old = _temporary_sibling(out_dir)
         out_dir.rename(old)
     try:
@@ -792,6 +814,7 @@ def import_gguf(
     if is_current(out_dir, expected):
         return out_dir
 
+    _check_replaceable(out_dir)
     header = read_header(gguf_path)
     check_tensor_types(header, gguf_path)
     check_tensor_data(header, gguf_path)

@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import importlib.metadata
 import json
+import os
 import platform
 import re
 import shlex
@@ -32,6 +33,7 @@ from typing import Any
 import httpx
 import psutil
 
+from server.backend import blas_in_use
 from server.bench.report import (
     BASELINE,
     MemoryRecord,
@@ -57,10 +59,11 @@ from server.bench.runner import (
     listening_pid,
     resolve_model_name,
     run_target,
+    server_env,
 )
 
 MLX_LM_COMMAND = "{python} -m mlx_lm.server --model {model_dir} --port {port}"
-MLXD_COMMAND = "{python} -m server serve --model-dir {model_dir} --port {port}"
+MLXD_COMMAND = "{python} -m server serve --config {config} --port {port} --preload"
 
 __all__ = ["BenchError", "build_parser", "main"]
 
@@ -136,8 +139,9 @@ def build_parser(prog: str = "python -m server.bench") -> argparse.ArgumentParse
             "mlx-lm, in one run, and report the ratios."
         ),
         epilog=(
-            "Spawn command templates may use {python} (this interpreter), {model_dir} and "
-            "{port} (a free port chosen for it; required). Example: %(prog)s --model-dir "
+            "Spawn command templates may use {python} (this interpreter), {model_dir}, "
+            "{port} (a free port chosen for it; required) and {config} (a models.yaml serving "
+            "just the model dir, written next to the results). Example: %(prog)s --model-dir "
             "~/models/qwen3-8b-4bit --spawn-mlx-lm --spawn-mlxd --quick"
         ),
     )
@@ -177,6 +181,11 @@ def build_parser(prog: str = "python -m server.bench") -> argparse.ArgumentParse
         "--quick", action="store_true", help="a CI-sized run (minutes on a laptop CPU)"
     )
     size.add_argument("--repeats", type=int, help="repeats per measurement (median reported)")
+    size.add_argument(
+        "--group-repeats",
+        type=int,
+        help="repeats of the chat conversation and of each concurrent group (default 1)",
+    )
     size.add_argument(
         "--scenarios", type=_scenario_list, help=f"subset of {','.join(ALL_SCENARIOS)}"
     )
@@ -218,6 +227,7 @@ def make_plan(args: argparse.Namespace, context: int | None) -> Plan:
     changes: dict[str, Any] = {"suppress_eos": args.suppress_eos}
     for flag, name in (
         ("repeats", "repeats"),
+        ("group_repeats", "group_repeats"),
         ("scenarios", "scenarios"),
         ("prompt_lengths", "prefill_lengths"),
         ("decode_tokens", "decode_max_tokens"),
@@ -232,8 +242,8 @@ def make_plan(args: argparse.Namespace, context: int | None) -> Plan:
     if context is not None:
         cap = min(cap, context - plan.prefill_max_tokens - 8)
     lengths = tuple(n for n in plan.prefill_lengths if n <= cap)
-    if plan.repeats < 1:
-        raise BenchError("--repeats must be at least 1")
+    if min(plan.repeats, plan.group_repeats) < 1:
+        raise BenchError("--repeats and --group-repeats must be at least 1")
     return dataclasses.replace(plan, prefill_lengths=lengths)
 
 
@@ -366,6 +376,16 @@ def default_out(machine: Mapping[str, Any], model_name: str) -> Path:
 # --------------------------------------------------------------------------- run
 
 
+def mlxd_config(model_dir: Path) -> str:
+    """A models.yaml serving just ``model_dir``, under its directory name.
+
+    JSON is YAML, so no YAML writer is needed.
+    """
+    name = model_dir.resolve().name
+    entry = {"id": name, "source": {"path": str(model_dir.resolve())}}
+    return json.dumps({"default": name, "models": [entry]}, indent=2) + "\n"
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -421,15 +441,19 @@ class _Session:
     def _spawn(self, spec: TargetSpec, command: str) -> SpawnedServer:
         """Start a server on a free port and wait until it lists its models."""
         port = _free_port()
+        config = self.out / "models.yaml"
+        if "{config}" in command:
+            config.write_text(mlxd_config(self.args.model_dir))
         line = command.format(
             python=shlex.quote(sys.executable),
             model_dir=shlex.quote(str(self.args.model_dir)),
             port=port,
+            config=shlex.quote(str(config)),
         )
         url = f"http://127.0.0.1:{port}/v1"
-        spawned = SpawnedServer(
-            spec.name, shlex.split(line), url, self.out / f"{slug(spec.name)}.log"
-        )
+        log = self.out / f"{slug(spec.name)}.log"
+        env = server_env(blas_in_use(), os.environ)
+        spawned = SpawnedServer(spec.name, shlex.split(line), url, log, env)
         self.say(f"{spec.name}: starting {line}")
         start = time.perf_counter()
         watch = MemoryWatch(spawned.launch(), mlx=False).start()
@@ -481,6 +505,7 @@ def collect_meta(args: argparse.Namespace, plan: Plan, argv: Sequence[str]) -> d
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": machine_info(),
         "backend": backend_info().describe(),
+        "spawned_servers_preload": blas_in_use(),
         "versions": versions(),
         "model": read_model_summary(args.model_dir),
         "plan": dataclasses.asdict(plan),

@@ -42,12 +42,13 @@ class MetricSpec:
 METRICS: dict[str, MetricSpec] = {
     "startup_s": MetricSpec("startup (load until ready)", "s", "lower"),
     "ttft_ms": MetricSpec("TTFT", "ms", "lower"),
+    "since_launch_s": MetricSpec("first token since launch (startup + cold TTFT)", "s", "lower"),
     "prefill_tps": MetricSpec("prefill (prompt tokens / TTFT)", "tok/s", "higher"),
     "decode_tps": MetricSpec("decode", "tok/s", "higher"),
     "itl_p50_ms": MetricSpec("inter-token p50", "ms", "lower"),
     "itl_p95_ms": MetricSpec("inter-token p95", "ms", "lower"),
     "itl_max_ms": MetricSpec("inter-token max", "ms", "lower"),
-    "aggregate_tps": MetricSpec("aggregate decode", "tok/s", "higher"),
+    "aggregate_tps": MetricSpec("aggregate output (all tokens / wall time)", "tok/s", "higher"),
     "per_stream_tps": MetricSpec("per-stream decode", "tok/s", "higher"),
     "prompt_tokens": MetricSpec("prompt tokens", "tok", None),
     "completion_tokens": MetricSpec("completion tokens", "tok", None),
@@ -264,6 +265,11 @@ def summarize(
             value = values.get(name)
             if value is not None:
                 metrics.append(Metric(target, scenario, param, name, float(value)))
+    for target, seconds in (startup or {}).items():
+        cold = [m for m in metrics if (m.target, m.scenario, m.name) == (target, "cold", "ttft_ms")]
+        if cold:
+            since = seconds + cold[0].value / 1000
+            metrics.append(Metric(target, "cold", None, "since_launch_s", since))
     for mem in memory:
         for name, raw in (
             ("peak_rss_mib", mem.peak_rss_bytes),
@@ -380,7 +386,8 @@ def render_markdown(
 
 def _meta_lines(meta: Mapping[str, Any]) -> list[tuple[str, str]]:
     lines: list[tuple[str, str]] = []
-    for key in ("date", "machine", "backend", "versions", "model", "plan", "command"):
+    keys = ("date", "machine", "backend", "spawned_servers_preload", "versions", "model")
+    for key in (*keys, "targets", "plan", "command"):
         if key not in meta:
             continue
         value = meta[key]
@@ -432,7 +439,8 @@ def plot(metrics: Sequence[Metric], targets: Sequence[str], path: Path) -> None:
     ax_chat.set_title("Accumulated chat: TTFT per turn (lower is better)")
     ax_chat.set_xlabel("turn")
     ax_chat.set_ylabel("TTFT (ms)")
-    ax_chat.legend()
+    if ax_chat.get_lines():
+        ax_chat.legend()
 
     rate_names = {"decode_tps", "prefill_tps", "aggregate_tps"}
     categories: list[tuple[str, int | None, str]] = []
@@ -449,9 +457,10 @@ def plot(metrics: Sequence[Metric], targets: Sequence[str], path: Path) -> None:
     ax_rate.set_xticklabels(
         [scenario_label(s, p) for s, p, _ in categories], rotation=30, ha="right"
     )
-    ax_rate.set_yscale("log")
     ax_rate.set_title("Throughput per scenario (tok/s, log scale; higher is better)")
-    ax_rate.legend()
+    if categories:
+        ax_rate.set_yscale("log")
+        ax_rate.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

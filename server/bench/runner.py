@@ -29,7 +29,13 @@ from typing import IO, Any, Protocol
 import httpx
 import psutil
 
-from server.bench.report import BASELINE, MemoryRecord, RequestRecord, StreamResult
+from server.bench.report import (
+    BASELINE,
+    MemoryRecord,
+    RequestRecord,
+    StreamResult,
+    scenario_label,
+)
 
 Messages = list[dict[str, str]]
 Say = Callable[[str], None]
@@ -427,11 +433,19 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 class SpawnedServer:
     """A server process this benchmark starts, waits for, and stops (one at a time)."""
 
-    def __init__(self, name: str, argv: Sequence[str], base_url: str, log_path: Path) -> None:
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str],
+        base_url: str,
+        log_path: Path,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
         self.name = name
         self.argv = list(argv)
         self.base_url = base_url
         self.log_path = log_path
+        self.env = dict(env) if env is not None else None
         self.proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
 
@@ -441,7 +455,9 @@ class SpawnedServer:
 
     def launch(self) -> int:
         self._log = self.log_path.open("wb")
-        self.proc = subprocess.Popen(self.argv, stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            self.argv, stdout=self._log, stderr=subprocess.STDOUT, env=self.env
+        )
         return self.proc.pid
 
     def wait_ready(self, timeout: float) -> None:
@@ -479,6 +495,20 @@ class SpawnedServer:
         if self._log is not None:
             self._log.close()
             self._log = None
+
+
+def server_env(blas: str | None, base: Mapping[str, str]) -> dict[str, str]:
+    """The environment for a spawned server: ours, plus the BLAS this process computes with.
+
+    On Linux CPU this process runs MLX on OpenBLAS (see `server.backend`); a peer server
+    started without it would fall back to the reference BLAS and look several times slower
+    for a reason that has nothing to do with the server. ``LD_PRELOAD`` gives every spawned
+    server the same library.
+    """
+    env = dict(base)
+    if blas:
+        env["LD_PRELOAD"] = " ".join(p for p in (blas, env.get("LD_PRELOAD", "")) if p)
+    return env
 
 
 def listening_pid(port: int) -> int | None:
@@ -641,7 +671,8 @@ ALL_SCENARIOS = ("cold", "warm", "decode", "prefill", "chat", "concurrency")
 class Plan:
     """How much of each scenario to run."""
 
-    repeats: int
+    repeats: int  # single requests: warm, decode, each prefill length
+    group_repeats: int  # whole conversations (chat) and concurrent groups
     short_max_tokens: int  # cold and warm TTFT
     decode_max_tokens: int
     prefill_lengths: tuple[int, ...]
@@ -657,19 +688,21 @@ class Plan:
 
 FULL = Plan(
     repeats=3,
+    group_repeats=1,
     short_max_tokens=16,
-    decode_max_tokens=256,
+    decode_max_tokens=128,
     prefill_lengths=(128, 512, 2048, 8192, 32768),
     prefill_max_tokens=4,
     chat_turns=5,
     chat_user_tokens=420,
-    chat_max_tokens=64,
+    chat_max_tokens=32,
     concurrency=(1, 4, 8),
-    concurrency_max_tokens=128,
+    concurrency_max_tokens=32,
 )
 
 QUICK = Plan(
     repeats=1,
+    group_repeats=1,
     short_max_tokens=8,
     decode_max_tokens=32,
     prefill_lengths=(64, 256),
@@ -732,7 +765,7 @@ def run_target(target: Target, plan: Plan, book: PromptBook, say: Say) -> Target
                 single("prefill", length, r, messages, plan.prefill_max_tokens)
 
     def chat() -> None:
-        for r in range(plan.repeats):
+        for r in range(plan.group_repeats):
             target.new_conversation()
             history: Messages = [book.system(f"chat-{r}")]
             for turn in range(1, plan.chat_turns + 1):
@@ -745,7 +778,7 @@ def run_target(target: Target, plan: Plan, book: PromptBook, say: Say) -> Target
 
     def concurrency() -> None:
         for streams in plan.concurrency:
-            for r in range(plan.repeats):
+            for r in range(plan.group_repeats):
                 convs = [book.long_output(f"streams-{streams}-{r}-{i}") for i in range(streams)]
                 outs = target.chat_many(convs, plan.concurrency_max_tokens)
                 group = [
@@ -758,7 +791,8 @@ def run_target(target: Target, plan: Plan, book: PromptBook, say: Say) -> Target
                 tokens = sum(g.result.completion_tokens for g in group)
                 wall = max(g.start_offset + g.result.end_time for g in group)
                 say(
-                    f"{target.name}: {streams} streams #{r + 1}: {tokens} tok in {wall:.2f} s "
+                    f"{target.name}: {scenario_label('concurrency', streams)} #{r + 1}: "
+                    f"{tokens} tok in {wall:.2f} s "
                     f"({tokens / wall:.1f} tok/s aggregate)"
                 )
 

@@ -41,16 +41,22 @@ def model_dirs(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> d
 def write_config(path: Path, dirs: dict[str, Path]) -> Path:
     path.write_text(
         yaml.safe_dump(
-            {"default": "qwen-tiny", "models": [
-                {"id": name, "source": {"path": str(d)}, "tags": ["test"]}
-                for name, d in dirs.items()]}  # fmt: skip
+            {
+                "default": "qwen-tiny",
+                "models": [
+                    {"id": name, "source": {"path": str(d)}, "tags": ["test"]}
+                    for name, d in dirs.items()
+                ],
+            }
         )
     )
     return path
 
 
 @pytest.fixture(scope="module")
-def server(model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:  # fmt: skip
+def server(
+    model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunningServer]:
     tmp = tmp_path_factory.mktemp("swap-server")
     config = write_config(tmp / "models.yaml", model_dirs)
     with run_server(["--config", str(config)], tmp / "server.log") as running:

@@ -541,6 +541,12 @@ CONFIG_ERRORS: dict[str, tuple[dict[str, Any], set[str], str]] = {
         set(),
         "per-layer llama.attention.head_count_kv",
     ),
+    "zero-heads": ({"llama.attention.head_count": 0}, set(), "head_count = 0 is not a valid count"),
+    "text-where-a-number-belongs": (
+        {"llama.embedding_length": "64"},
+        set(),
+        "embedding_length = '64' is not a number",
+    ),
     "yarn-scaling": ({"llama.rope.scaling.type": "yarn"}, set(), "RoPE scaling 'yarn'"),
     "linear-scaling-without-factor": (
         {"llama.rope.scaling.type": "linear"},
@@ -720,6 +726,12 @@ REFUSED: dict[str, tuple[dict[str, Any], dict[str, Callable[[str], RawTensor]], 
         "holds no tokenizer",
     ),
     "unknown-tokenizer": ({"tokenizer.ggml.model": "rwkv"}, {}, "cannot rebuild"),
+    "merge-of-unknown-tokens": ({"tokenizer.ggml.merges": ["h e", "q zz"]}, {}, "cannot rebuild"),
+    "sentencepiece-without-scores": (
+        {"tokenizer.ggml.model": "llama", "tokenizer.ggml.merges": None},
+        {},
+        "cannot rebuild",
+    ),
 }
 
 
@@ -855,15 +867,24 @@ def test_changed_import_is_redone(tmp_path: Path, change: str) -> None:
     np.testing.assert_allclose(logits(model), reference_logits(tiny), atol=atol, rtol=0)
 
 
-def test_import_never_overwrites_a_foreign_directory(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [("directory", "is not a GGUF import"), ("file", "is not a directory")],
+    ids=["foreign-directory", "file"],
+)
+def test_import_never_overwrites_something_else(tmp_path: Path, kind: str, message: str) -> None:
     tiny = write_tiny_llama(tmp_path / "tiny.gguf")
     out = tmp_path / "mine"
-    out.mkdir()
-    (out / "notes.txt").write_text("keep me")
-    with pytest.raises(GGUFImportError, match="is not a GGUF import"):
+    if kind == "directory":
+        out.mkdir()
+        (out / "notes.txt").write_text("keep me")
+    else:
+        out.write_text("keep me")
+    before = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.raises(GGUFImportError, match=message):
         import_quietly(tiny.path, out)
-    assert [p.name for p in out.iterdir()] == ["notes.txt"]
-    assert list(tmp_path.glob(".mine.*")) == []
+    after = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    assert after == before
 
 
 # --------------------------------------------------------------------------------------------
