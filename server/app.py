@@ -6,6 +6,7 @@ engine the way httpx injects a mock transport, and the CLI injects the MLX engin
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -18,7 +19,9 @@ from server.api import install_error_handlers, router
 from server.chat import ChatService
 from server.config import ConfigError, ModelsFile, Settings, load_models, parse_duration
 from server.engine import Engine, MLXEngine
+from server.gate import MemoryGate, PressureMonitor
 from server.manager import ModelManager
+from server.memory import PressureReading
 from server.registry import Registry
 from server.router import Router
 from server.sources import ModelSources
@@ -36,6 +39,22 @@ def default_engine(settings: Settings) -> Engine:
     return MLXEngine(prefix_cache_bytes=size)
 
 
+def build_gate(settings: Settings, engine: Engine) -> MemoryGate:
+    from server.memory import compute_budget, parse_size, take_snapshot
+
+    try:
+        override = parse_size(settings.memory_budget) if settings.memory_budget else None
+    except ValueError as exc:
+        raise ConfigError(f"memory budget: {exc}") from None
+    snapshot = take_snapshot()
+    budget = compute_budget(snapshot, settings.memory_reserve, override)
+    return MemoryGate(
+        budget,
+        swap_baseline=snapshot.swap_used,
+        prefix_cache_bytes=lambda: engine.stats().get("prefix_cache_bytes", 0),
+    )
+
+
 def build_state(settings: Settings, engine: Engine, models: ModelsFile | None = None) -> AppState:
     models = models or load_models(settings.config_path)
     if settings.default_model is not None:
@@ -48,21 +67,24 @@ def build_state(settings: Settings, engine: Engine, models: ModelsFile | None = 
             )
         models = models.model_copy(update={"default": settings.default_model})
     registry = Registry(models, ModelSources(settings.home, settings.config_path.parent))
+    gate = build_gate(settings, engine)
     manager = ModelManager(
         engine,
         registry,
         queue_size=settings.queue_size,
         queue_timeout=settings.queue_timeout,
         default_keep_alive=parse_duration(settings.keep_alive),
+        gate=gate,
     )
-    chat = ChatService(registry, manager, engine)
+    chat = ChatService(registry, manager, engine, gate)
     return AppState(
         settings=settings,
         registry=registry,
         engine=engine,
         manager=manager,
         chat=chat,
-        router=Router(registry),
+        router=Router(registry, gate),
+        gate=gate,
         started=time.time(),
     )
 
@@ -75,13 +97,28 @@ def create_app(
     engine = engine_factory(settings)
     state = build_state(settings, engine, models)
 
+    def on_red(reading: PressureReading) -> None:
+        ended = state.chat.end_running("length")
+        if ended:
+            log.warning("ended %d running request(s) early: %s", ended, "; ".join(reading.reasons))
+        elif state.manager.resident is not None and not state.manager.queue_depth:
+            # Nothing is running, so only the idle model itself can be given back.
+            asyncio.get_running_loop().create_task(state.manager.unload())
+
+    monitor = PressureMonitor(state.gate, on_red, state.manager.poke)
+
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        # Enforce, not only predict: MLX refuses to grow past the budget (and on Metal, the
+        # wired limit keeps the model resident instead of paged out).
+        await engine.set_limits(state.gate.budget.limit, state.gate.budget.limit)
+        monitor.start()
         if settings.preload:
             await state.manager.preload(state.registry.default)
         try:
             yield
         finally:
+            await monitor.stop()
             await state.manager.close()
             engine.close()
 

@@ -22,6 +22,7 @@ from typing import Any
 from server.config import ModelEntry, parse_duration
 from server.engine import Engine, GenerationRequest, SamplingParams
 from server.errors import BadRequest, ContextLengthExceeded
+from server.gate import MemoryGate, RequestNeed
 from server.manager import KeepAlive, ModelManager
 from server.parsers.forcing import BanTokens, PrefixForcer, ToolCallFormat, forced_prefix
 from server.parsers.hermes import HermesToolParser, ToolCallDelta
@@ -78,6 +79,7 @@ class Prepared:
     processors: list[Any]
     ignore_eos: bool
     keep_alive: KeepAlive | None
+    need: RequestNeed | None = None
 
 
 class ChatRun:
@@ -181,11 +183,25 @@ class ChatRun:
 
 
 class ChatService:
-    def __init__(self, registry: Registry, manager: ModelManager, engine: Engine) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        manager: ModelManager,
+        engine: Engine,
+        gate: MemoryGate | None = None,
+    ) -> None:
         self.registry = registry
         self.manager = manager
         self.engine = engine
+        self.gate = gate
         self.on_finish: Callable[[ChatRun, Finish], None] | None = None
+        self.running: set[ChatRun] = set()
+
+    def end_running(self, reason: str) -> int:
+        """Finish every running generation early (memory pressure); returns how many."""
+        for run in list(self.running):
+            run.cancel(reason)
+        return len(self.running)
 
     def resolve(self, name: str) -> ModelEntry:
         return self.registry.get(name)
@@ -194,15 +210,20 @@ class ChatService:
         """Validate, render and admit ``request``; errors raise before anything is streamed."""
         entry = entry or self.resolve(request.model)
         prepared = await self.prepare(request, entry)
+        if self.gate is not None and prepared.need is not None:
+            self.gate.precheck(prepared.need)  # never fits: refuse now, not after queueing
         stack = contextlib.AsyncExitStack()
         try:
             await stack.enter_async_context(
-                self.manager.acquire(entry, need=prepared, keep_alive=prepared.keep_alive)
+                self.manager.acquire(entry, need=prepared.need, keep_alive=prepared.keep_alive)
             )
         except BaseException:
             await stack.aclose()
             raise
-        return ChatRun(prepared, self.engine, stack, self.on_finish)
+        run = ChatRun(prepared, self.engine, stack, self.on_finish)
+        self.running.add(run)
+        stack.callback(self.running.discard, run)
+        return run
 
     async def prepare(self, request: ChatRequest, entry: ModelEntry) -> Prepared:
         tokenizer = await self.registry.tokenizer(entry)
@@ -222,12 +243,19 @@ class ChatService:
                 keep_alive = KeepAlive(parse_duration(request.keep_alive))
             except ValueError as exc:
                 raise BadRequest(str(exc), param="keep_alive") from None
+        sampling = sampling_for(request, entry, self.registry.generation_defaults(entry))
+        need = None
+        if self.gate is not None:
+            need = self.gate.need_for(
+                entry, self.registry.model_dir(entry), len(prompt), max_tokens, context,
+                sampling=sampling.temperature > 0,
+            )  # fmt: skip
         return Prepared(
             entry=entry,
             prompt=prompt,
             prompt_text=prompt_text,
             max_tokens=max_tokens,
-            sampling=sampling_for(request, entry, self.registry.generation_defaults(entry)),
+            sampling=sampling,
             stops=request.stop_list,
             tokenizer=tokenizer,
             think=bool(tokenizer.has_thinking),
@@ -236,6 +264,7 @@ class ChatService:
             processors=processors,
             ignore_eos=request.ignore_eos,
             keep_alive=keep_alive,
+            need=need,
         )
 
 

@@ -72,6 +72,10 @@ class Gate(Protocol):
         """GO, WAIT, or raise an MlxdError (never fits)."""
         ...
 
+    def released(self, need: Any) -> None:
+        """A request that was let in has finished."""
+        ...
+
     def loaded(self, entry: ModelEntry, info: LoadedModel) -> None: ...
 
     def unloaded(self, entry: ModelEntry) -> None: ...
@@ -113,6 +117,7 @@ class ModelManager:
         self._waiters: list[_Waiter] = []
         self._switching: asyncio.Task[None] | None = None
         self._idle_timer: asyncio.TimerHandle | None = None
+        self._retry_timer: asyncio.TimerHandle | None = None
         self._keep_alive: float | None = default_keep_alive
         self._closed = False
 
@@ -162,6 +167,8 @@ class ModelManager:
             yield lease
         finally:
             self.active -= 1
+            if self.gate is not None:
+                self.gate.released(need)
             if keep_alive is not None:
                 self._keep_alive = keep_alive.seconds
             else:
@@ -185,34 +192,62 @@ class ModelManager:
 
     def _pump(self) -> None:
         """Admit, or start a swap for, the oldest waiter's model. Called after every change."""
-        if self._switching is not None or not self._waiters or self._closed:
-            return
-        target = self._waiters[0].entry
-        if self.resident is not None and self.resident.id == target.id:
-            for waiter in [w for w in self._waiters if w.entry.id == target.id]:
-                if not self._admit(waiter):
-                    break
-            return
-        if self.active > 0:
-            return  # let in-flight requests on the resident model finish first
-        self._switching = asyncio.get_running_loop().create_task(self._switch(target))
+        while self._switching is None and self._waiters and not self._closed:
+            head = self._waiters[0]
+            target = head.entry
+            if self.resident is not None and self.resident.id == target.id:
+                for waiter in [w for w in self._waiters if w.entry.id == target.id]:
+                    if not self._admit(waiter):
+                        self._retry_later()
+                        break
+                return
+            if self.active > 0:
+                return  # let in-flight requests on the resident model finish first
+            verdict = self._ask_gate(head)
+            if verdict is None:
+                continue  # the head was refused; look at the next one
+            if verdict is Verdict.WAIT:
+                self._retry_later()
+                return
+            self._switching = asyncio.get_running_loop().create_task(self._switch(target))
+
+    def _ask_gate(self, waiter: _Waiter) -> Verdict | None:
+        """The gate's verdict on ``waiter``; None when it refused it (the waiter is failed)."""
+        if self.gate is None:
+            return Verdict.GO
+        try:
+            return self.gate.check(waiter.need, resident=self.resident, active=self.active)
+        except MlxdError as exc:
+            self._waiters.remove(waiter)
+            _fail(waiter, exc)
+            return None
+
+    def poke(self) -> None:
+        """Something outside changed (e.g. memory pressure cleared): look at the queue again."""
+        self._pump()
+
+    def _retry_later(self, delay: float = 0.5) -> None:
+        """Memory may free up without any event here (other programs); look again soon."""
+        if self._retry_timer is None:
+
+            def retry() -> None:
+                self._retry_timer = None
+                self._pump()
+
+            self._retry_timer = asyncio.get_running_loop().call_later(delay, retry)
 
     def _admit(self, waiter: _Waiter) -> bool:
         """Grant a lease if the gate lets this request in now; False to keep it waiting."""
-        if self.gate is not None:
-            try:
-                if self.gate.check(waiter.need, resident=self.resident, active=self.active) is (
-                    Verdict.WAIT
-                ):
-                    return False
-            except MlxdError as exc:
-                self._waiters.remove(waiter)
-                _fail(waiter, exc)
-                return True
+        if waiter.future.done():  # gave up in the meantime
+            self._waiters.remove(waiter)
+            return True
+        verdict = self._ask_gate(waiter)
+        if verdict is None:
+            return True
+        if verdict is Verdict.WAIT:
+            return False
         assert self.loaded is not None and self.resident is not None
         self._waiters.remove(waiter)
-        if waiter.future.done():  # gave up in the meantime
-            return True
         self.active += 1
         waiter.future.set_result(Lease(self.resident, self.loaded.path, self.loaded))
         return True
@@ -310,6 +345,8 @@ class ModelManager:
     async def close(self) -> None:
         self._closed = True
         self._cancel_idle_timer()
+        if self._retry_timer is not None:
+            self._retry_timer.cancel()
         for waiter in self._waiters:
             _fail(waiter, Overloaded("the server is shutting down", retry_after=5))
         self._waiters.clear()

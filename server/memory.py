@@ -9,7 +9,8 @@ Three layers, each usable on its own:
    On Linux a snapshot reads a handful of small files (no process is spawned); on macOS it
    runs ``sysctl`` (one process for three keys) and ``vm_stat``.
 3. **Budget and pressure** — `compute_budget` turns a snapshot into the bytes mlxd may plan
-   for; `assess_pressure` maps a snapshot to green / yellow / red.
+   for; `MemoryBudget.headroom` says what it may allocate right now; `assess_pressure`
+   maps a snapshot to green / yellow / red.
 
 Definitions used throughout (bytes unless stated):
 
@@ -20,8 +21,10 @@ Definitions used throughout (bytes unless stated):
   estimate (macOS: free + speculative + inactive pages; Linux: MemAvailable, and inside a
   cgroup at most limit − (current − inactive file pages); CUDA: the device's free memory).
 - ``used`` = total − available. System-wide on purpose: other applications' memory counts,
-  because it is the machine, not mlxd, that swaps. mlxd's own share is MLX's active memory,
-  which the caller knows and may pass to `assess_pressure` / `MemoryBudget.headroom`.
+  because it is the machine, not mlxd, that swaps. mlxd's own share is what MLX has
+  allocated (``MemorySnapshot.mlx``); ``used_by_others`` is the rest.
+- the budget: ``total × (1 − reserve)`` for mlxd; the reserve is left to the OS and other
+  applications, and what they use beyond it counts against mlxd (`MemoryBudget.in_use`).
 """
 
 from __future__ import annotations
@@ -29,15 +32,15 @@ from __future__ import annotations
 import platform
 import re
 import subprocess
+import sys
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
 
 KIB = 1024
 MIB = 1024**2
 GIB = 1024**3
-GB = 1000**3
 
 # cgroup v1 reports "no limit" as PAGE_COUNTER_MAX pages (9223372036854771712 on 4 KiB
 # pages); anything this large is not a real limit.
@@ -55,38 +58,26 @@ class InvalidSizeError(ValueError):
 # --------------------------------------------------------------------------- sizes
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?|\.\d+)\s*([a-z]*)\s*$", re.IGNORECASE)
-_SIZE_UNITS: dict[str, int] = {
-    "": 1,
-    "b": 1,
-    "kb": 1000,
-    "mb": 1000**2,
-    "gb": 1000**3,
-    "tb": 1000**4,
-    "kib": KIB,
-    "mib": MIB,
-    "gib": GIB,
-    "tib": 1024**4,
-    # Single letters follow docker/JVM usage ("6g", "512m"): binary multiples.
-    "k": KIB,
-    "m": MIB,
-    "g": GIB,
-    "t": 1024**4,
+_SIZE_UNITS: dict[str, int] = {"": 1, "b": 1} | {
+    f"{letter}{tail}": 1024**power
+    for power, letter in enumerate("kmgt", start=1)
+    for tail in ("", "b", "ib")
 }
 
 
 def parse_size(text: str) -> int:
-    """Parse a human size into bytes.
+    """Parse a human size into bytes: ``6GB``, ``6G``, ``6GiB``, ``512MB``, ``1.5 gb``, ``4096``.
 
-    ``GB``/``MB``/``KB``/``TB`` are decimal (``6GB`` = 6·10⁹), ``GiB``/``MiB``/… are binary
-    (``6GiB`` = 6·2³⁰), a bare letter is binary as in docker and the JVM (``6g`` = 6 GiB),
-    and a plain number is bytes. Case-insensitive; fractions and inner spaces allowed
-    (``"1.5 GB"``).
+    Every unit is binary: ``GB``, ``G`` and ``GiB`` all mean 2³⁰ bytes. Memory is sold and
+    reported that way (a "16 GB" Mac has 16 GiB; Activity Monitor and ``free -g`` count in
+    GiB), so ``--memory-budget 12GB`` on a 16 GB machine means what its owner expects.
+    Case-insensitive; a plain number is bytes.
     """
     match = _SIZE_RE.match(text)
     if match is None or match.group(2).lower() not in _SIZE_UNITS:
         raise InvalidSizeError(
-            f"invalid size {text!r}: use bytes or a number with a unit such as "
-            "6GB (10^9), 6GiB (2^30), 6g (GiB), 512MiB"
+            f"invalid size {text!r}: use bytes or a number with a unit such as 6GB, 6G, "
+            "6GiB or 512MB (all binary: 1 GB = 1024 MB)"
         )
     return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
 
@@ -117,6 +108,15 @@ class OsPressure:
 
 
 @dataclass(frozen=True)
+class MlxMemory:
+    """``mx.get_active_memory()`` and ``mx.get_cache_memory()`` (freed buffers MLX keeps
+    for reuse: the OS counts them as used, but mlxd can allocate into them)."""
+
+    active: int
+    cache: int
+
+
+@dataclass(frozen=True)
 class MemorySnapshot:
     """One reading of the machine's memory; see the module docstring for the definitions."""
 
@@ -131,10 +131,18 @@ class MemorySnapshot:
     cgroup_limit: int | None = None
     os_pressure: OsPressure = field(default_factory=OsPressure)
     device_working_set: int | None = None  # Metal's recommendedMaxWorkingSetSize
+    mlx: MlxMemory | None = None  # this process's MLX allocations, when MLX is loaded
 
     @property
     def used(self) -> int:
         return self.total - self.available
+
+    @property
+    def used_by_others(self) -> int:
+        """What everything but MLX in this process holds: other apps, the OS, and this
+        process's Python side. Unknown MLX usage counts as someone else's."""
+        own = self.mlx.active + self.mlx.cache if self.mlx else 0
+        return max(0, self.used - own)
 
 
 # --------------------------------------------------------------------------- macOS parsers
@@ -543,6 +551,16 @@ def mlx_device_info() -> dict[str, object]:
     return dict(mx.device_info(mx.gpu))
 
 
+def mlx_memory() -> MlxMemory | None:
+    """MLX's own allocations in this process; ``None`` while MLX is not imported (then it
+    holds nothing, and importing it only to say so would cost a second)."""
+    if "mlx.core" not in sys.modules:
+        return None
+    import mlx.core as mx
+
+    return MlxMemory(active=int(mx.get_active_memory()), cache=int(mx.get_cache_memory()))
+
+
 def take_macos_snapshot(
     run: CommandRunner = run_command,
     device_info: Callable[[], Mapping[str, object]] = mlx_device_info,
@@ -557,14 +575,19 @@ def take_linux_snapshot(
     return linux_snapshot(root, parse_device_info(device_info()))
 
 
-def take_snapshot() -> MemorySnapshot:
-    """The current machine's memory, by the probes its platform has."""
-    system = platform.system()
+def take_snapshot(
+    system: str | None = None,
+    own: Callable[[], MlxMemory | None] = mlx_memory,
+) -> MemorySnapshot:
+    """The current machine's memory, by the probes its platform has, with MLX's share."""
+    system = system or platform.system()
     if system == "Darwin":
-        return take_macos_snapshot()
-    if system == "Linux":
-        return take_linux_snapshot()
-    raise MemoryProbeError(f"no memory probes for {system}")
+        snapshot = take_macos_snapshot()
+    elif system == "Linux":
+        snapshot = take_linux_snapshot()
+    else:
+        raise MemoryProbeError(f"no memory probes for {system}")
+    return replace(snapshot, mlx=own())
 
 
 # --------------------------------------------------------------------------- budget
@@ -574,41 +597,62 @@ DEFAULT_RESERVE = 0.22
 
 @dataclass(frozen=True)
 class MemoryBudget:
-    """What mlxd may plan for, and when the machine counts as full.
+    """The slice of the machine mlxd plans for.
 
-    ``limit`` is what admission compares a request's estimate (weights + KV + workspace)
-    against. ``ceiling`` is the system-wide ``used`` that counts as 100 % for the pressure
-    levels: ``total × (1 − reserve)``. Without ``--memory-budget`` the two are equal; with
-    it, ``limit`` is the user's number and ``ceiling`` still protects the machine.
+    ``limit`` is what a model's weights plus its requests' estimates must fit in:
+    ``total × (1 − reserve)``, lowered to Metal's recommended working set (beyond it the GPU
+    pages), or the user's ``--memory-budget``. Everything else, ``total − limit``, is left
+    to the OS and other applications; what they use beyond that eats into mlxd's slice.
     """
 
     limit: int
-    ceiling: int
+    total: int
     reserve: float
     basis: str  # one line for /health and error messages
 
-    def headroom(self, snapshot: MemorySnapshot, mlx_in_use: int) -> int:
-        """Bytes mlxd can still take now: within its own limit and without pushing the
-        machine past the ceiling. ``mlx_in_use`` (MLX active + cached memory) is already
-        part of ``snapshot.used``."""
-        return max(0, min(self.limit - mlx_in_use, self.ceiling - snapshot.used))
+    @property
+    def others_allowance(self) -> int:
+        return max(0, self.total - self.limit)
+
+    def in_use(self, snapshot: MemorySnapshot) -> int:
+        """mlxd's share of the slice in use now: MLX's allocations (its reusable cache
+        included) plus whatever other programs take beyond their allowance."""
+        own = snapshot.mlx.active + snapshot.mlx.cache if snapshot.mlx else 0
+        return own + max(0, snapshot.used_by_others - self.others_allowance)
+
+    def headroom(self, snapshot: MemorySnapshot) -> int:
+        """Bytes mlxd can allocate now: room left in its slice, and no more than the OS can
+        hand out without swapping (MLX's cached buffers count as free: MLX reuses them)."""
+        active = snapshot.mlx.active if snapshot.mlx else 0
+        cache = snapshot.mlx.cache if snapshot.mlx else 0
+        in_slice = self.limit - active - max(0, snapshot.used_by_others - self.others_allowance)
+        return max(0, min(in_slice, snapshot.available + cache))
 
 
 def compute_budget(
     snapshot: MemorySnapshot, reserve: float = DEFAULT_RESERVE, override: int | None = None
 ) -> MemoryBudget:
+    """The budget for this machine: ``total × (1 − reserve)`` (``total`` is already the
+    cgroup limit inside a container), capped by Metal's working set; ``override`` (bytes,
+    from ``--memory-budget``, see `parse_size`) replaces it."""
     if not 0.0 <= reserve < 1.0:
         raise ValueError(f"memory reserve must be in [0, 1), got {reserve}")
-    if override is not None and override <= 0:
-        raise ValueError(f"memory budget must be positive, got {override}")
-    ceiling = int(snapshot.total * (1.0 - reserve))
+    if override is not None:
+        if override <= 0:
+            raise ValueError(f"memory budget must be positive, got {override}")
+        return MemoryBudget(
+            override, snapshot.total, reserve, f"--memory-budget {format_size(override)}"
+        )
     pool = "device memory" if snapshot.platform == "cuda" else "RAM"
     if snapshot.cgroup_limit is not None and snapshot.total < snapshot.physical_total:
         pool = "cgroup limit"
-    derived = f"{format_size(snapshot.total)} {pool} × (1 − {reserve:g})"
-    if override is not None:
-        return MemoryBudget(override, ceiling, reserve, f"--memory-budget {format_size(override)}")
-    return MemoryBudget(ceiling, ceiling, reserve, derived)
+    limit = int(snapshot.total * (1.0 - reserve))
+    basis = f"{format_size(snapshot.total)} {pool} × (1 − {reserve:g})"
+    working_set = snapshot.device_working_set
+    if working_set is not None and working_set < limit:
+        limit = working_set
+        basis = f"Metal recommended working set {format_size(working_set)}"
+    return MemoryBudget(limit, snapshot.total, reserve, basis)
 
 
 # --------------------------------------------------------------------------- pressure
@@ -627,19 +671,19 @@ MACOS_PRESSURE_CRITICAL = 4
 
 @dataclass(frozen=True)
 class PressureThresholds:
-    yellow: float = 0.70  # fraction of the budget in use
+    yellow: float = 0.70  # fraction of the budget in use (`MemoryBudget.in_use`)
     red: float = 0.85
-    swap_growth_red: int = 2 * GB  # new swap since the server started
+    swap_growth_red: int = 2 * GIB  # new swap since the server started
     psi_some_yellow: float = 10.0  # % of the last 10 s some task stalled on memory
-    psi_full_red: float = 10.0  # % of the last 10 s all tasks stalled on memory
+    psi_some_red: float = 40.0
+    psi_full_red: float = 10.0  # % of the last 10 s all non-idle tasks stalled on memory
 
 
 @dataclass(frozen=True)
 class PressureReading:
     level: PressureLevel
-    in_use: int  # snapshot.used: system-wide
-    fraction: float  # in_use / budget.ceiling
-    mlx_fraction: float | None  # mlx_in_use / budget.limit, when given
+    in_use: int  # MemoryBudget.in_use
+    fraction: float  # in_use / budget.limit
     swap_growth: int
     reasons: tuple[str, ...]  # why the level is not green, one phrase per signal
 
@@ -648,36 +692,33 @@ def assess_pressure(
     snapshot: MemorySnapshot,
     budget: MemoryBudget,
     swap_baseline: int,
-    mlx_in_use: int | None = None,
     thresholds: PressureThresholds | None = None,
 ) -> PressureReading:
-    """Green / yellow / red: the worst of the budget fractions, the OS's own pressure
-    signal, and swap growth since ``swap_baseline`` (``swap_used`` captured at start)."""
+    """Green / yellow / red: the worst of the budget in use, the OS's own pressure signal
+    (macOS level, Linux PSI) and swap growth since ``swap_baseline`` (``swap_used`` at
+    start)."""
     thresholds = thresholds or PressureThresholds()
     signals: list[tuple[PressureLevel, str]] = []
 
-    def by_fraction(fraction: float, what: str) -> None:
-        if fraction >= thresholds.red:
-            signals.append((PressureLevel.RED, f"{what} at {fraction:.0%}"))
-        elif fraction >= thresholds.yellow:
-            signals.append((PressureLevel.YELLOW, f"{what} at {fraction:.0%}"))
-
-    fraction = snapshot.used / budget.ceiling if budget.ceiling > 0 else 1.0
-    by_fraction(fraction, "system memory in use")
-    mlx_fraction = None
-    if mlx_in_use is not None:
-        mlx_fraction = mlx_in_use / budget.limit
-        by_fraction(mlx_fraction, "mlxd memory")
+    in_use = budget.in_use(snapshot)
+    fraction = in_use / budget.limit
+    if fraction >= thresholds.red:
+        signals.append((PressureLevel.RED, f"budget {fraction:.0%} in use"))
+    elif fraction >= thresholds.yellow:
+        signals.append((PressureLevel.YELLOW, f"budget {fraction:.0%} in use"))
 
     level = snapshot.os_pressure.macos_level
     if level is not None and level >= MACOS_PRESSURE_CRITICAL:
         signals.append((PressureLevel.RED, "macOS memory pressure critical"))
     elif level is not None and level >= MACOS_PRESSURE_WARN:
         signals.append((PressureLevel.YELLOW, "macOS memory pressure warn"))
+
     full = snapshot.os_pressure.psi_full_avg10
     some = snapshot.os_pressure.psi_some_avg10
     if full is not None and full >= thresholds.psi_full_red:
         signals.append((PressureLevel.RED, f"PSI full avg10 {full:.1f}%"))
+    elif some is not None and some >= thresholds.psi_some_red:
+        signals.append((PressureLevel.RED, f"PSI some avg10 {some:.1f}%"))
     elif some is not None and some >= thresholds.psi_some_yellow:
         signals.append((PressureLevel.YELLOW, f"PSI some avg10 {some:.1f}%"))
 
@@ -690,9 +731,8 @@ def assess_pressure(
     )
     return PressureReading(
         level=worst,
-        in_use=snapshot.used,
+        in_use=in_use,
         fraction=fraction,
-        mlx_fraction=mlx_fraction,
         swap_growth=swap_growth,
         reasons=tuple(reason for _, reason in signals),
     )

@@ -11,6 +11,7 @@ from server.backend import backend_info
 from server.chat import ChatService
 from server.config import ModelEntry, Settings
 from server.engine import Engine
+from server.gate import MemoryGate
 from server.manager import ModelManager
 from server.registry import Registry
 from server.router import Router
@@ -24,6 +25,7 @@ class AppState:
     manager: ModelManager
     chat: ChatService
     router: Router
+    gate: MemoryGate
     started: float
 
     def describe_model(self, entry: ModelEntry) -> dict[str, Any]:
@@ -40,16 +42,17 @@ class AppState:
         }
         if entry.id in self.manager.errors:
             item["error"] = self.manager.errors[entry.id]
-        estimate = self.router.weights_estimate(entry)
-        if estimate is not None:
-            item["estimated_memory_bytes"] = estimate
+        weights = self.router.weights_estimate(entry)
+        if weights is not None:
+            item["weights_bytes"] = weights
+            item["estimated_memory_bytes"] = self.router.reserve_estimate(entry, weights)
         return item
 
     async def health(self) -> dict[str, Any]:
         resident = self.manager.resident
         memory: dict[str, Any] = {}
         memory.update(await self.engine.memory())
-        memory.update(self.router.memory_status())
+        memory.update(self.gate.status())
         return {
             "status": "ok",
             "version": __version__,

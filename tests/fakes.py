@@ -13,6 +13,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import mlx.core as mx
+
 from server.engine import GenerationChunk, GenerationRequest, LoadedModel
 
 CHATML = (
@@ -45,8 +47,17 @@ def tiny_model_dir(path: Path, context: int = 512, template: str = CHATML) -> Pa
             }
         )
     )
-    (path / "config.json").write_text(
-        json.dumps({"model_type": "llama", "max_position_embeddings": context})
+    vocab_size = tok.get_vocab_size()
+    config = {
+        "model_type": "llama", "max_position_embeddings": context, "vocab_size": vocab_size,
+        "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
+        "num_attention_heads": 2, "num_key_value_heads": 1, "tie_word_embeddings": True,
+    }  # fmt: skip
+    (path / "config.json").write_text(json.dumps(config))
+    # Weights that are only ever estimated (from the header), never loaded by the fake engine.
+    mx.save_safetensors(
+        str(path / "model.safetensors"),
+        {"model.embed_tokens.weight": mx.zeros((vocab_size, 16), dtype=mx.float16)},
     )
     return path
 
@@ -87,6 +98,9 @@ class FakeEngine:
 
     async def memory(self) -> dict[str, int]:
         return {"active": 0, "cache": 0, "peak": 0, "prefix_cache": 0}
+
+    async def set_limits(self, memory_limit: int | None, wired_limit: int | None) -> None:
+        self.events.append("limits")
 
     def stats(self) -> dict[str, int]:
         return {"generations": len(self.requests)}

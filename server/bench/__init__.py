@@ -54,6 +54,7 @@ from server.bench.runner import (
     Plan,
     PromptBook,
     SpawnedServer,
+    Target,
     TargetRun,
     list_models,
     listening_pid,
@@ -81,7 +82,7 @@ class TargetSpec:
 def _split_pair(text: str, what: str) -> tuple[str, str]:
     name, sep, value = text.partition("=")
     if not sep or not name.strip() or not value.strip():
-        raise argparse.ArgumentTypeError(f"expected NAME={what}, got {text!r}")
+        raise ValueError(f"expected NAME={what}, got {text!r}")
     return name.strip(), value.strip()
 
 
@@ -96,16 +97,19 @@ class _AddTarget(argparse.Action):
         option_string: str | None = None,
     ) -> None:
         specs: list[TargetSpec] = list(getattr(namespace, "targets", None) or [])
-        if option_string == "--target":
-            name, url = _split_pair(values, "URL")
-            specs.append(TargetSpec(name, url=url))
-        elif option_string == "--spawn":
-            name, command = _split_pair(values, "CMD")
-            specs.append(TargetSpec(name, command=command))
-        elif option_string == "--spawn-mlx-lm":
-            specs.append(TargetSpec("mlx_lm.server", command=MLX_LM_COMMAND))
-        else:
-            specs.append(TargetSpec("mlxd", command=values or MLXD_COMMAND))
+        try:
+            if option_string == "--target":
+                name, url = _split_pair(values, "URL")
+                specs.append(TargetSpec(name, url=url))
+            elif option_string == "--spawn":
+                name, command = _split_pair(values, "CMD")
+                specs.append(TargetSpec(name, command=command))
+            elif option_string == "--spawn-mlx-lm":
+                specs.append(TargetSpec("mlx_lm.server", command=MLX_LM_COMMAND))
+            else:
+                specs.append(TargetSpec("mlxd", command=values or MLXD_COMMAND))
+        except ValueError as exc:
+            raise argparse.ArgumentError(self, str(exc)) from None
         namespace.targets = specs
 
 
@@ -180,7 +184,11 @@ def build_parser(prog: str = "python -m server.bench") -> argparse.ArgumentParse
     size.add_argument(
         "--quick", action="store_true", help="a CI-sized run (minutes on a laptop CPU)"
     )
-    size.add_argument("--repeats", type=int, help="repeats per measurement (median reported)")
+    size.add_argument(
+        "--repeats",
+        type=int,
+        help="repeats of each single-request measurement (default 3, --quick 1)",
+    )
     size.add_argument(
         "--group-repeats",
         type=int,
@@ -365,12 +373,10 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown"
 
 
-def default_out(machine: Mapping[str, Any], model_name: str) -> Path:
+def default_out(machine: Mapping[str, Any], model_name: str, quick: bool) -> Path:
     day = datetime.now().strftime("%Y-%m-%d")
-    return (
-        Path("bench/results")
-        / f"{day}-{slug(machine.get('gpu') or machine['cpu'])}-{slug(model_name)}"
-    )
+    name = f"{day}-{slug(machine.get('gpu') or machine['cpu'])}-{slug(model_name)}"
+    return Path("bench/results") / (name + ("-quick" if quick else ""))
 
 
 # --------------------------------------------------------------------------- run
@@ -422,9 +428,13 @@ class _Session:
     def say(self, message: str) -> None:
         print(f"[{time.monotonic() - self.started:7.1f}s] {message}", file=sys.stderr, flush=True)
 
-    def _collect(self, run: TargetRun) -> None:
-        self.records += run.records
-        self.memory += run.memory
+    def _measure(self, target: Target) -> None:
+        run = TargetRun()
+        try:
+            run_target(target, self.plan, self.book, self.say, run)
+        finally:
+            self.records += run.records
+            self.memory += run.memory
 
     def baseline(self) -> None:
         target = InProcessTarget(self.args.model_dir, suppress_eos=self.plan.suppress_eos)
@@ -434,7 +444,7 @@ class _Session:
             self.startup[BASELINE] = target.load()
             rss, mlx_peak = watch.stop()
             self.memory.append(MemoryRecord(BASELINE, "startup", rss, mlx_peak))
-            self._collect(run_target(target, self.plan, self.book, self.say))
+            self._measure(target)
         finally:
             target.close()
 
@@ -486,7 +496,7 @@ class _Session:
             client = HttpTarget(
                 spec.name, url, model, timeout=self.args.timeout, extra_body=extra, pid=pid
             )
-            self._collect(run_target(client, self.plan, self.book, self.say))
+            self._measure(client)
         except (BenchError, OSError, httpx.HTTPError) as exc:
             self.errors[spec.name] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             self.say(f"{spec.name}: FAILED: {exc}")
@@ -534,7 +544,7 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
     summary = read_model_summary(args.model_dir)
     plan = make_plan(args, summary.get("context"))
     meta = collect_meta(args, plan, argv)
-    out = args.out or default_out(meta["machine"], summary["name"])
+    out = args.out or default_out(meta["machine"], summary["name"], args.quick)
     out.mkdir(parents=True, exist_ok=True)
     config = json.loads((args.model_dir / "config.json").read_text())
     tokenizer = load_tokenizer(args.model_dir, eos_token_ids=config.get("eos_token_id"))

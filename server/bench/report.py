@@ -75,7 +75,7 @@ class StreamResult:
     end_time: float = 0.0
     finish_time: float | None = None
     finish_reason: str | None = None
-    text: str = ""
+    text: str = ""  # the answer (content, no reasoning), as a client would keep it
     usage_prompt_tokens: int | None = None
     usage_completion_tokens: int | None = None
     cached_tokens: int | None = None
@@ -440,6 +440,8 @@ def plot(metrics: Sequence[Metric], targets: Sequence[str], path: Path) -> None:
     ax_chat.set_xlabel("turn")
     ax_chat.set_ylabel("TTFT (ms)")
     if ax_chat.get_lines():
+        ax_chat.set_ylim(bottom=0)
+        ax_chat.xaxis.get_major_locator().set_params(integer=True)
         ax_chat.legend()
 
     rate_names = {"decode_tps", "prefill_tps", "aggregate_tps"}
@@ -454,9 +456,11 @@ def plot(metrics: Sequence[Metric], targets: Sequence[str], path: Path) -> None:
         xs = [j + i * width for j in range(len(categories))]
         ax_rate.bar(xs, [by_key.get(c, 0.0) for c in categories], width, label=target)
     ax_rate.set_xticks([j + width * (len(targets) - 1) / 2 for j in range(len(categories))])
-    ax_rate.set_xticklabels(
-        [scenario_label(s, p) for s, p, _ in categories], rotation=30, ha="right"
-    )
+    labels = [
+        scenario_label(s, p) + (" (aggregate)" if name == "aggregate_tps" else "")
+        for s, p, name in categories
+    ]
+    ax_rate.set_xticklabels(labels, rotation=30, ha="right")
     ax_rate.set_title("Throughput per scenario (tok/s, log scale; higher is better)")
     if categories:
         ax_rate.set_yscale("log")

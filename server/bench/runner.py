@@ -14,6 +14,7 @@ Both get the same messages, rendered with the model's chat template, and the sam
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import os
 import random
@@ -82,7 +83,7 @@ class SSEDecoder:
 @dataclass(frozen=True)
 class StreamEvent:
     done: bool = False
-    text: str = ""
+    content: str = ""  # the answer's text, without reasoning
     carries_token: bool = False
     finish_reason: str | None = None
     usage: Mapping[str, Any] | None = None
@@ -102,19 +103,18 @@ def parse_event(data: str) -> StreamEvent:
         error = obj["error"]
         message = error.get("message", error) if isinstance(error, dict) else error
         raise BenchError(f"server reported an error mid-stream: {message}")
-    text, tool_call, finish = "", False, None
+    content, other, finish = "", False, None
     for choice in obj.get("choices") or []:
         delta = choice.get("delta") or {}
-        for key in ("content", "reasoning_content", "reasoning"):
-            piece = delta.get(key)
-            if isinstance(piece, str):
-                text += piece
-        tool_call = tool_call or bool(delta.get("tool_calls"))
+        if isinstance(delta.get("content"), str):
+            content += delta["content"]
+        reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+        other = other or bool(reasoning) or bool(delta.get("tool_calls"))
         finish = choice.get("finish_reason") or finish
     usage = obj.get("usage")
     return StreamEvent(
-        text=text,
-        carries_token=bool(text) or tool_call,
+        content=content,
+        carries_token=bool(content) or other,
         finish_reason=finish,
         usage=usage if isinstance(usage, dict) else None,
     )
@@ -131,7 +131,7 @@ def read_stream(lines: Iterable[str], clock: Callable[[], float]) -> StreamResul
         event = parse_event(data)
         if event.carries_token:
             result.token_times.append(now)
-            parts.append(event.text)
+            parts.append(event.content)
         if event.finish_reason is not None:
             result.finish_reason = event.finish_reason
             result.finish_time = now
@@ -377,7 +377,7 @@ class InProcessTarget:
                 result.finish_reason = response.finish_reason
                 result.finish_time = now
         result.end_time = time.perf_counter() - start
-        result.text = "".join(parts)
+        result.text = answer_text("".join(parts))
         result.usage_prompt_tokens = len(tokens)
         if conversation:
             self._remember(kwargs["prompt_cache"], tokens + generated)
@@ -416,6 +416,14 @@ class InProcessTarget:
         finally:
             gen.close()
         return [(0.0, results[uid]) for uid in uids]
+
+
+def answer_text(text: str) -> str:
+    """What a client keeps of raw model output: the answer after any ``</think>``.
+
+    Servers send reasoning apart from content; chat history carries only the content.
+    """
+    return text.rsplit("</think>", 1)[-1].lstrip() if "</think>" in text else text
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -623,6 +631,7 @@ class PromptBook:
         self.tokenizer = tokenizer
         self._rng = random.Random(seed)
         self._words: list[str] = []
+        self._sized: dict[tuple[str, int], Messages] = {}  # every target gets the same prompts
 
     def count(self, messages: Messages) -> int:
         return len(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
@@ -637,7 +646,10 @@ class PromptBook:
 
     @staticmethod
     def system(nonce: str) -> dict[str, str]:
-        return {"role": "system", "content": f"Benchmark request {nonce}. Answer plainly."}
+        # A hash first: requests differ from their first tokens after the template's header,
+        # where "request prefill-128-0" and "…-1" would share a dozen cacheable tokens.
+        tag = hashlib.sha256(nonce.encode()).hexdigest()[:8]
+        return {"role": "system", "content": f"{tag}: benchmark request {nonce}. Answer plainly."}
 
     def long_output(self, nonce: str) -> Messages:
         return [self.system(nonce), {"role": "user", "content": LONG_OUTPUT_REQUEST}]
@@ -649,7 +661,10 @@ class PromptBook:
             text = self.filler(0, n_words) + "\n\nSummarize the text above in one sentence."
             return [self.system(nonce), {"role": "user", "content": text}]
 
-        return build(fit(lambda n: self.count(build(n)), n_tokens))
+        key = (nonce, n_tokens)
+        if key not in self._sized:
+            self._sized[key] = build(fit(lambda n: self.count(build(n)), n_tokens))
+        return [dict(m) for m in self._sized[key]]
 
     def chat_user(self, turn: int, n_tokens: int) -> str:
         """The user's message for a chat turn: a distinct passage of about ``n_tokens``."""
@@ -736,9 +751,14 @@ def _progress(say: Say, rec: RequestRecord, label: str) -> None:
     )
 
 
-def run_target(target: Target, plan: Plan, book: PromptBook, say: Say) -> TargetRun:
-    """Every scenario of ``plan`` against one target, cold first, memory watched per scenario."""
-    out = TargetRun()
+def run_target(
+    target: Target, plan: Plan, book: PromptBook, say: Say, out: TargetRun | None = None
+) -> TargetRun:
+    """Every scenario of ``plan`` against one target, cold first, memory watched per scenario.
+
+    Results accumulate in ``out`` as they come, so a target failing halfway keeps what it did.
+    """
+    out = out if out is not None else TargetRun()
 
     def single(scenario: str, param: int | None, repeat: int, messages: Messages, n: int) -> None:
         result = target.chat(messages, n, conversation=scenario == "chat")

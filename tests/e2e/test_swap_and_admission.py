@@ -18,6 +18,8 @@ import openai
 import pytest
 import yaml
 
+from server.estimate import weights_bytes
+from server.memory import format_size
 from server.random_model import build_random_qwen3
 from tests.conftest import RunningServer, run_server
 
@@ -126,6 +128,8 @@ def test_budget_below_need_refuses_that_model_only(
             chat(srv.url, "smollm2")
         err = info.value.body
         assert isinstance(err, dict) and err["code"] == "insufficient_memory"
-        assert "budget" in err["message"] and "MB" in err["message"]
+        assert "memory budget of 300.00 MiB" in err["message"]
+        weights = format_size(weights_bytes(model_dirs["smollm2"]))  # from the headers, exact
+        assert f"{weights} of weights" in err["message"]
         assert chat(srv.url, "qwen-tiny").model == "qwen-tiny"
-        assert health(srv)["memory"]["budget"] == 300_000_000
+        assert health(srv)["memory"]["budget"] == 300 << 20

@@ -1,0 +1,250 @@
+"""Whether a request may run now, decided from numbers alone.
+
+`decide` is a pure function: given what the request needs (`Need`, from
+:func:`server.estimate.estimate_request`) and how things stand (`State`: the budget, what the
+machine can still give, the resident model, pressure, the queue), it answers
+
+- ``admit``: the model is resident and the request fits beside what is running;
+- ``swap``: load the model (unloading the idle resident one, if any) and then run it;
+- ``wait``: it will fit once something finishes, the resident model goes idle, or the
+  memory pressure clears;
+- ``reject``: it never fits the budget, it exceeds the context, or the queue is full.
+
+Loading, unloading and queueing are the caller's: this module only decides, so every rule
+is a table row in the tests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+
+from server.errors import ContextLengthExceeded, InsufficientMemory, MlxdError, Overloaded
+from server.memory import PressureLevel, format_size
+
+
+@dataclass(frozen=True)
+class Need:
+    """What one request asks for, in bytes and tokens."""
+
+    model: str
+    weights: int  # the model's weights once loaded
+    request: int  # what the request adds at its peak: KV cache + working memory
+    prompt_tokens: int
+    max_tokens: int
+    context_limit: int | None = None
+    # ``request`` for another ``max_tokens``, non-decreasing in it (an estimate with a
+    # different max_tokens); lets a refusal say how many tokens would fit.
+    request_for: Callable[[int], int] | None = None
+
+
+@dataclass(frozen=True)
+class Resident:
+    """The loaded model and the requests it is serving."""
+
+    model: str
+    weights: int
+    active: int = 0  # requests admitted and not finished
+    reserved: int = 0  # the sum of their ``Need.request``
+
+
+@dataclass(frozen=True)
+class State:
+    """How things stand when the request arrives.
+
+    ``budget`` is :attr:`server.memory.MemoryBudget.limit`. ``headroom`` is what can be
+    allocated right now without swapping: :meth:`server.memory.MemoryBudget.headroom` less
+    the part of running requests' reservations they have not allocated yet.
+    """
+
+    budget: int
+    headroom: int
+    resident: Resident | None = None
+    pressure: PressureLevel = PressureLevel.GREEN
+    queued: int = 0  # requests already waiting
+    queue_limit: int = 32
+    retry_after: int = 5  # seconds, for a refusal because the queue is full
+
+
+class DecisionKind(str, Enum):
+    ADMIT = "admit"
+    WAIT = "wait"
+    SWAP = "swap"
+    REJECT = "reject"
+
+
+class Reason(str, Enum):
+    FITS = "fits"  # admit
+    LOAD = "load"  # swap into an empty slot
+    SWAP_IDLE = "swap_idle"  # swap out an idle model
+    RESIDENT_BUSY = "resident_busy"  # wait: another model is serving requests
+    MEMORY_BUSY = "memory_busy"  # wait: this model's running requests hold the memory
+    MACHINE_BUSY = "machine_busy"  # wait: other programs hold the memory
+    PRESSURE = "memory_pressure"  # wait: the OS is short of memory
+    CONTEXT = "context_length_exceeded"  # reject
+    INSUFFICIENT_MEMORY = "insufficient_memory"  # reject: never fits the budget
+    OVERLOADED = "overloaded"  # reject: the wait queue is full
+
+
+@dataclass(frozen=True)
+class Decision:
+    kind: DecisionKind
+    reason: Reason
+    message: str
+    need: int  # bytes that had to fit: the request, plus the weights when loading
+    available: int  # bytes there were for it under the rule that decided
+    unload: str | None = None  # swap: the resident model to unload first
+    max_tokens_fit: int | None = None  # reject: the largest max_tokens that would fit
+    retry_after: int | None = None  # reject because overloaded
+
+    def error(self) -> MlxdError:
+        """The client-facing error of a refusal (only for ``reject``)."""
+        if self.kind is not DecisionKind.REJECT:
+            raise ValueError(f"a {self.kind.value} decision is not an error")
+        if self.reason is Reason.CONTEXT:
+            return ContextLengthExceeded(self.message, param="max_tokens")
+        if self.reason is Reason.INSUFFICIENT_MEMORY:
+            param = "max_tokens" if self.max_tokens_fit is not None else "messages"
+            return InsufficientMemory(self.message, param=param)
+        return Overloaded(self.message, retry_after=self.retry_after or 1)
+
+
+def decide(need: Need, state: State) -> Decision:
+    """Admit, swap, wait or reject ``need`` given ``state`` (see the module docstring)."""
+    refused = _context(need) or _never_fits(need, state)
+    if refused is not None:
+        return refused
+    decision = _place(need, state)
+    if decision.kind is DecisionKind.WAIT and state.queued >= state.queue_limit:
+        return Decision(
+            DecisionKind.REJECT,
+            Reason.OVERLOADED,
+            f"the server is busy ({state.queued} requests waiting: {decision.message}); "
+            f"retry in {state.retry_after} s",
+            decision.need,
+            decision.available,
+            retry_after=state.retry_after,
+        )
+    return decision
+
+
+def _context(need: Need) -> Decision | None:
+    limit = need.context_limit
+    wanted = need.prompt_tokens + need.max_tokens
+    if limit is None or wanted <= limit:
+        return None
+    room = limit - need.prompt_tokens
+    return Decision(
+        DecisionKind.REJECT,
+        Reason.CONTEXT,
+        f"This model's maximum context length is {limit} tokens. However, you requested "
+        f"{wanted} tokens ({need.prompt_tokens} in the messages, {need.max_tokens} in the "
+        "completion). Please reduce the length of the messages or completion.",
+        wanted,
+        limit,
+        max_tokens_fit=room if room > 0 else None,
+    )
+
+
+def _never_fits(need: Need, state: State) -> Decision | None:
+    total = need.weights + need.request
+    if total <= state.budget:
+        return None
+    fit = _largest_fitting_max_tokens(need, state.budget)
+    hint = (
+        f" With max_tokens <= {fit} it would fit."
+        if fit is not None
+        else " Use a smaller model or a shorter prompt."
+    )
+    return Decision(
+        DecisionKind.REJECT,
+        Reason.INSUFFICIENT_MEMORY,
+        f"'{need.model}' needs {format_size(total)} for this request "
+        f"({format_size(need.weights)} of weights + {format_size(need.request)} of KV cache "
+        f"and working memory for {need.prompt_tokens} + {need.max_tokens} tokens), more "
+        f"than the memory budget of {format_size(state.budget)}.{hint}",
+        total,
+        state.budget,
+        max_tokens_fit=fit,
+    )
+
+
+def _largest_fitting_max_tokens(need: Need, budget: int) -> int | None:
+    """Binary search over ``request_for``; ``None`` when not even one token fits."""
+    request_for = need.request_for
+    room = budget - need.weights
+    if request_for is None or need.max_tokens <= 1 or request_for(1) > room:
+        return None
+    lo, hi = 1, need.max_tokens - 1  # lo fits; the answer is in [lo, hi]
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if request_for(mid) <= room:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def _place(need: Need, state: State) -> Decision:
+    if state.pressure is PressureLevel.RED:
+        return Decision(
+            DecisionKind.WAIT,
+            Reason.PRESSURE,
+            "memory pressure is high; waiting for it to ease",
+            need.request,
+            state.headroom,
+        )
+    resident = state.resident
+    if resident is not None and resident.model == need.model:
+        planned = state.budget - resident.weights - resident.reserved
+        room = min(planned, state.headroom)
+        if need.request <= room:
+            return Decision(
+                DecisionKind.ADMIT,
+                Reason.FITS,
+                f"fits: {format_size(need.request)} of {format_size(room)} free",
+                need.request,
+                room,
+            )
+        busy = resident.active > 0
+        holders = f"{resident.active} running request(s)" if busy else "other programs"
+        return Decision(
+            DecisionKind.WAIT,
+            Reason.MEMORY_BUSY if busy else Reason.MACHINE_BUSY,
+            f"needs {format_size(need.request)} but {holders} leave "
+            f"{format_size(max(0, room))} free",
+            need.request,
+            room,
+        )
+    total = need.weights + need.request
+    if resident is not None and resident.active > 0:
+        return Decision(
+            DecisionKind.WAIT,
+            Reason.RESIDENT_BUSY,
+            f"'{resident.model}' is serving {resident.active} request(s); "
+            f"'{need.model}' loads when it is idle",
+            total,
+            state.headroom,
+        )
+    freed = resident.weights if resident is not None else 0
+    room = min(state.budget, state.headroom + freed)
+    if total > room:
+        return Decision(
+            DecisionKind.WAIT,
+            Reason.MACHINE_BUSY,
+            f"loading '{need.model}' needs {format_size(total)} but other programs leave "
+            f"{format_size(max(0, room))} free",
+            total,
+            room,
+        )
+    if resident is None:
+        return Decision(DecisionKind.SWAP, Reason.LOAD, f"load '{need.model}'", total, room)
+    return Decision(
+        DecisionKind.SWAP,
+        Reason.SWAP_IDLE,
+        f"unload idle '{resident.model}', load '{need.model}'",
+        total,
+        room,
+        unload=resident.model,
+    )
