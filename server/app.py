@@ -106,6 +106,7 @@ def create_app(
             asyncio.get_running_loop().create_task(state.manager.unload())
 
     monitor = PressureMonitor(state.gate, on_red, state.manager.poke)
+    state.monitor = monitor
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

@@ -11,7 +11,7 @@ from server.backend import backend_info
 from server.chat import ChatService
 from server.config import ModelEntry, Settings
 from server.engine import Engine
-from server.gate import MemoryGate
+from server.gate import MemoryGate, PressureMonitor
 from server.manager import ModelManager
 from server.registry import Registry
 from server.router import Router
@@ -27,6 +27,7 @@ class AppState:
     router: Router
     gate: MemoryGate
     started: float
+    monitor: PressureMonitor | None = None
 
     def describe_model(self, entry: ModelEntry) -> dict[str, Any]:
         state = self.manager.state_of(entry)

@@ -80,6 +80,7 @@ class FakeEngine:
     fail_load: set[str] = field(default_factory=set)
     fail_generate: bool = False
     loaded_path: Path | None = None
+    on_piece: Callable[[int], None] | None = None  # called before piece i is produced
 
     async def load(self, path: Path, *, prewarm: bool = True) -> LoadedModel:
         await asyncio.sleep(0)
@@ -125,14 +126,16 @@ class FakeEngine:
                     await asyncio.sleep(self.delay)
                 else:
                     await asyncio.sleep(0)
+                if self.on_piece is not None:
+                    self.on_piece(i)
+                if request.cancel.is_set():
+                    yield GenerationChunk("", None, request.cancel_reason, n_prompt, count)
+                    return
                 count += 1
                 last = count == request.max_tokens
                 final = "length" if last else ("stop" if i == len(pieces) - 1 else None)
                 yield GenerationChunk(piece, i, final, n_prompt, count)
                 if final:
-                    return
-                if request.cancel.is_set():
-                    yield GenerationChunk("", None, request.cancel_reason, n_prompt, count)
                     return
             yield GenerationChunk("", None, "stop", n_prompt, count)
         finally:

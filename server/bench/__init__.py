@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.metadata
+import importlib.util
 import json
 import os
 import platform
@@ -43,23 +44,17 @@ from server.bench.report import (
     summarize,
     write_jsonl,
 )
-from server.bench.runner import (
-    ALL_SCENARIOS,
-    FULL,
-    QUICK,
+from server.bench.runner import ALL_SCENARIOS, FULL, QUICK, Plan, PromptBook, TargetRun, run_target
+from server.bench.targets import (
     BenchError,
     HttpTarget,
     InProcessTarget,
     MemoryWatch,
-    Plan,
-    PromptBook,
     SpawnedServer,
     Target,
-    TargetRun,
     list_models,
     listening_pid,
     resolve_model_name,
-    run_target,
     server_env,
 )
 
@@ -566,7 +561,10 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
         markdown = render_markdown(metrics, names, meta, session.errors)
         (out / "results.md").write_text(markdown)
         if not args.no_plot and metrics:
-            plot(metrics, names, out / "plot.png")
+            if importlib.util.find_spec("matplotlib") is None:
+                session.say("matplotlib is not installed: no plot.png (pip install matplotlib)")
+            else:
+                plot(metrics, names, out / "plot.png")
     print(markdown)
     session.say(
         f"wrote {out}/results.md, results.jsonl, meta.json" + ("" if args.no_plot else ", plot.png")

@@ -43,22 +43,18 @@ from server.bench.report import (
     summarize,
     write_jsonl,
 )
-from server.bench.runner import (
-    QUICK,
+from server.bench.runner import QUICK, PromptBook, TargetRun, fit, run_target
+from server.bench.targets import (
     BenchError,
     HttpTarget,
     Messages,
-    PromptBook,
     SpawnedServer,
     SSEDecoder,
-    TargetRun,
     answer_text,
     common_prefix,
-    fit,
     parse_event,
     read_stream,
     resolve_model_name,
-    run_target,
     server_env,
 )
 from tests.fakes import tiny_model_dir

@@ -1,0 +1,91 @@
+"""The memory gate and pressure monitor in a running app (fake engine, recorded pressure)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+
+import httpx
+import pytest
+
+from server.memory import PressureLevel, PressureReading
+from tests.fakes import FakeEngine
+
+pytestmark = pytest.mark.anyio
+
+Client = Callable[..., httpx.AsyncClient]
+USER = [{"role": "user", "content": "Hi"}]
+RED = PressureReading(PressureLevel.RED, 10, 0.95, 3 << 30, ("swap grew by 3.00 GiB",))
+GREEN = PressureReading(PressureLevel.GREEN, 1, 0.1, 0, ())
+
+
+def app_state(client: httpx.AsyncClient):  # type: ignore[no-untyped-def]
+    return client._transport.app.state.mlxd  # type: ignore[attr-defined]
+
+
+async def test_red_pressure_ends_running_request_with_length(make_client: Client) -> None:
+    engine = FakeEngine(responder=lambda req: ["word "] * 200)
+    client = make_client(engine)
+    state = app_state(client)
+    assert state.monitor is not None
+    # Three words in, the machine runs short of memory.
+    engine.on_piece = lambda i: state.monitor.step(RED) if i == 3 else None
+    for stream in (True, False):
+        r = await client.post(
+            "/v1/chat/completions", json={"model": "alpha", "messages": USER, "stream": stream}
+        )
+        if stream:
+            payloads = [json.loads(line[6:]) for line in r.text.splitlines()
+                        if line.startswith("data: {")]  # fmt: skip
+            reason = payloads[-1]["choices"][0]["finish_reason"]
+            text = "".join(p["choices"][0]["delta"].get("content", "") for p in payloads)
+        else:
+            reason = r.json()["choices"][0]["finish_reason"]
+            text = r.json()["choices"][0]["message"]["content"]
+        assert reason == "length"
+        assert text.split() == ["word"] * 3  # ended early, not run to the end
+        state.monitor.step(GREEN)
+
+
+async def test_red_pressure_pauses_admission_until_green(make_client: Client) -> None:
+    client = make_client(FakeEngine())
+    state = app_state(client)
+    assert state.monitor is not None
+    state.monitor.step(RED)
+    health = (await client.get("/health")).json()
+    assert health["memory"]["admission_paused"] is True
+    pending = asyncio.create_task(
+        client.post("/v1/chat/completions", json={"model": "alpha", "messages": USER})
+    )
+    await asyncio.sleep(0.3)
+    assert not pending.done()  # waiting while red
+    state.monitor.step(GREEN)
+    r = await asyncio.wait_for(pending, 10)
+    assert r.status_code == 200
+    assert (await client.get("/health")).json()["memory"]["admission_paused"] is False
+
+
+async def test_health_reports_memory(make_client: Client) -> None:
+    client = make_client(FakeEngine())
+    memory = (await client.get("/health")).json()["memory"]
+    for key in ("budget", "in_use", "pressure", "swap_growth", "reserved", "available"):
+        assert key in memory
+    assert memory["pressure"] in ("green", "yellow", "red")
+
+
+async def test_models_show_estimated_memory(make_client: Client) -> None:
+    client = make_client(FakeEngine())
+    data = (await client.get("/v1/models")).json()["data"]
+    alpha = next(m for m in data if m["id"] == "alpha")
+    assert alpha["weights_bytes"] > 0
+    assert alpha["estimated_memory_bytes"] > alpha["weights_bytes"]
+
+
+async def test_auto_routes_to_a_tagged_model(make_client: Client) -> None:
+    client = make_client(FakeEngine())
+    r = await client.post("/v1/chat/completions", json={"model": "auto:small", "messages": USER})
+    assert r.status_code == 200
+    assert r.json()["model"] in ("alpha", "beta") and r.headers["x-mlxd-model"] == r.json()["model"]
+    r = await client.post("/v1/chat/completions", json={"model": "auto:huge", "messages": USER})
+    assert r.status_code == 404
