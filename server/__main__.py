@@ -48,6 +48,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         preload=True if getattr(args, "preload", False) else None,
         keep_alive=getattr(args, "keep_alive", None),
         log_level=getattr(args, "log_level", None),
+        prefix_cache_bytes=getattr(args, "prefix_cache", None),
     )
 
 
@@ -254,6 +255,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--memory-budget", help="cap mlxd's memory, e.g. 6GB (MLXD_MEMORY_BUDGET)")
     s.add_argument("--preload", action="store_true", help="load the default model at startup")
     s.add_argument("--keep-alive", help="unload an idle model after this long, e.g. 10m")
+    s.add_argument("--prefix-cache", help="bytes of KV cache kept for reuse, e.g. 2GB; 0 = off")
     s.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     s.set_defaults(func=cmd_serve)
 
