@@ -29,6 +29,7 @@ class Registry:
             for name in entry.names:
                 self._by_name[name] = entry
         self._tokenizers: dict[str, Any] = {}
+        self._configs: dict[str, dict[str, Any]] = {}
         self._prepared: dict[str, Path] = {}
         self._locks: dict[str, asyncio.Lock] = {}
 
@@ -90,8 +91,11 @@ class Registry:
         return data if isinstance(data, dict) else {}
 
     async def config(self, entry: ModelEntry) -> dict[str, Any]:
-        path = await self.prepare(entry)
-        return read_config(path, entry.id)
+        cached = self._configs.get(entry.id)
+        if cached is None:
+            cached = read_config(await self.prepare(entry), entry.id)
+            self._configs[entry.id] = cached
+        return cached
 
 
 def read_config(path: Path, model_id: str) -> dict[str, Any]:

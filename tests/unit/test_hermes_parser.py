@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,22 +17,7 @@ from server.parsers import (
     fold_tool_calls,
 )
 from server.parsers.hermes import typed_value
-
-
-def chunkings(text: str) -> Iterator[list[str]]:
-    """Whole, every split in two, one character at a time, and a few random chunkings."""
-    yield [text]
-    for cut in range(1, len(text)):
-        yield [text[:cut], text[cut:]]
-    yield list(text)
-    rng = random.Random(len(text))
-    for _ in range(5):
-        chunks, at = [], 0
-        while at < len(text):
-            size = rng.randint(1, 7)
-            chunks.append(text[at : at + size])
-            at += size
-        yield chunks
+from tests.chunkings import chunkings
 
 
 def _function(name: str, **properties: Any) -> dict[str, Any]:
