@@ -25,7 +25,9 @@ async def make_client(
 ) -> AsyncIterator[Callable[..., httpx.AsyncClient]]:
     clients: list[httpx.AsyncClient] = []
 
-    def factory(engine: FakeEngine, **entry_extra: object) -> httpx.AsyncClient:
+    def factory(
+        engine: FakeEngine, settings: dict[str, object] | None = None, **entry_extra: object
+    ) -> httpx.AsyncClient:
         models = parse_models(
             {
                 "default": "alpha",
@@ -37,8 +39,12 @@ async def make_client(
             },
             "test",
         )  # fmt: skip
-        settings = Settings(home=tmp_path / "home", config_path=tmp_path / "models.yaml")
-        app = create_app(settings, engine_factory=lambda _: engine, models=models)
+        config = Settings(
+            home=tmp_path / "home",
+            config_path=tmp_path / "models.yaml",
+            **(settings or {}),  # type: ignore[arg-type]
+        )
+        app = create_app(config, engine_factory=lambda _: engine, models=models)
         client = httpx.AsyncClient(
             transport=httpx.ASGITransport(app=app), base_url="http://mlxd.test"
         )

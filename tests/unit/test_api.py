@@ -294,3 +294,16 @@ async def test_reasoning_is_split(make_client: Client) -> None:
     message = r["choices"][0]["message"]
     assert message["content"].strip() == "Answer."
     assert message["reasoning_content"].strip() == "weighing it"
+
+
+async def test_keep_alive_comments_while_the_prompt_is_processed(make_client: Client) -> None:
+    """A slow first token (long prefill) still gets SSE comments, so proxies keep the line."""
+    engine = FakeEngine(responder=lambda req: ["late"], delay=0.5)
+    client = make_client(engine, settings={"sse_ping_seconds": 0.1})
+    r = await client.post(
+        "/v1/chat/completions", json={"model": "alpha", "messages": USER, "stream": True}
+    )
+    lines = r.text.splitlines()
+    first_content = next(i for i, line in enumerate(lines) if '"content":"late"' in line)
+    assert any(line.startswith(":") for line in lines[:first_content])
+    assert sse_payloads(r.text)[-1] == "[DONE]"
