@@ -48,10 +48,15 @@ def build_gate(settings: Settings, engine: Engine) -> MemoryGate:
         raise ConfigError(f"memory budget: {exc}") from None
     snapshot = take_snapshot()
     budget = compute_budget(snapshot, settings.memory_reserve, override)
+
+    def evict() -> None:
+        asyncio.get_running_loop().create_task(engine.evict_prefix_cache(0))
+
     return MemoryGate(
         budget,
         swap_baseline=snapshot.swap_used,
         prefix_cache_bytes=lambda: engine.stats().get("prefix_cache_bytes", 0),
+        evict_prefix_cache=evict,
     )
 
 

@@ -80,6 +80,7 @@ class Prepared:
     ignore_eos: bool
     keep_alive: KeepAlive | None
     need: RequestNeed | None = None
+    parallel_tool_calls: bool = True
 
 
 class ChatRun:
@@ -106,6 +107,9 @@ class ChatRun:
             tokenizer=prepared.tokenizer,
             ignore_eos=prepared.ignore_eos,
             extra_processors=prepared.processors,
+            max_kv_size=prepared.entry.max_kv_size,
+            kv_bits=prepared.entry.kv_bits,
+            prefill_step_size=prepared.entry.prefill_step_size,
         )
         self.first_token_at: float | None = None
         self.started_at = time.perf_counter()
@@ -160,6 +164,10 @@ class ChatRun:
                     yield delta
                 if matched.stopped:
                     self.cancel("stop")
+                    finish_reason = "stop"
+                    break
+                if tools is not None and tools.call_count and not p.parallel_tool_calls:
+                    self.cancel("stop")  # parallel_tool_calls=false: one call, then stop
                     finish_reason = "stop"
                     break
                 if chunk.finish_reason is not None:
@@ -265,6 +273,7 @@ class ChatService:
             ignore_eos=request.ignore_eos,
             keep_alive=keep_alive,
             need=need,
+            parallel_tool_calls=request.parallel_tool_calls is not False,
         )
 
 

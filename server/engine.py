@@ -53,6 +53,11 @@ class GenerationRequest:
     tokenizer: Any  # mlx_lm TokenizerWrapper: detokenizer and EOS ids
     ignore_eos: bool = False
     extra_processors: list[LogitsProcessor] = field(default_factory=list)
+    # From the model's models.yaml entry: a KV cap (rotating cache beyond it), KV quantization
+    # and the prefill chunk; the memory estimate assumed the same values.
+    max_kv_size: int | None = None
+    kv_bits: int | None = None
+    prefill_step_size: int = 2048
     # Checked between tokens; the caller sets it (client gone, stop string matched, pressure).
     cancel: threading.Event = field(default_factory=threading.Event)
     # Why the caller cancelled, reported as the finish reason.
@@ -87,6 +92,7 @@ class Engine(Protocol):
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]: ...
     async def memory(self) -> dict[str, int]: ...
     async def set_limits(self, memory_limit: int | None, wired_limit: int | None) -> None: ...
+    async def evict_prefix_cache(self, max_bytes: int) -> int: ...
     def stats(self) -> dict[str, int]: ...
     def close(self) -> None: ...
 
@@ -231,7 +237,14 @@ class MLXEngine:
         await self._call(apply)
 
     async def evict_prefix_cache(self, max_bytes: int) -> int:
-        return await self._call(lambda: self.prefix_cache.evict_to(max_bytes))
+        def evict() -> int:
+            import mlx.core as mx
+
+            freed = self.prefix_cache.evict_to(max_bytes)
+            mx.clear_cache()  # hand the freed buffers back, not just to MLX's pool
+            return freed
+
+        return await self._call(evict)
 
     def stats(self) -> dict[str, int]:
         """Counters for /health; plain ints written by the worker, read without locking."""
@@ -308,8 +321,12 @@ class MLXEngine:
         processors += req.extra_processors
 
         self.generations += 1
-        hit = self.prefix_cache.take(req.prompt)
-        cache = hit.cache if hit.cache is not None else make_prompt_cache(self._model)
+        hit = self.prefix_cache.take(req.prompt, req.max_kv_size, req.kv_bits)
+        cache = (
+            hit.cache
+            if hit.cache is not None
+            else make_prompt_cache(self._model, max_kv_size=req.max_kv_size)
+        )
         todo = req.prompt[hit.reused :]
         eos = set() if req.ignore_eos else set(req.tokenizer.eos_token_ids)
         detok = req.tokenizer.detokenizer
@@ -324,6 +341,7 @@ class MLXEngine:
             steps = generate_step(
                 mx.array(todo), self._model, max_tokens=req.max_tokens, sampler=sampler,
                 logits_processors=processors or None, prompt_cache=cache,
+                prefill_step_size=req.prefill_step_size, kv_bits=req.kv_bits,
             )  # fmt: skip
             for step, _ in steps:
                 token = int(step)  # generate_step yields Python ints (via .item())
@@ -352,7 +370,7 @@ class MLXEngine:
             else:
                 finish = "length"  # max_tokens reached inside generate_step (max_tokens == 0)
         finally:
-            self._keep_cache(req.prompt, generated, cache)
+            self._keep_cache(req, generated, cache)
         if finish != "length" or len(generated) != req.max_tokens:
             detok.finalize()
             completion = len(generated) - (1 if hit_eos else 0)  # EOS is not output
@@ -368,12 +386,12 @@ class MLXEngine:
                 )
             )
 
-    def _keep_cache(self, prompt: list[int], generated: list[int], cache: list[Any]) -> None:
-        tokens = prompt + generated
+    def _keep_cache(self, req: GenerationRequest, generated: list[int], cache: list[Any]) -> None:
+        tokens = req.prompt + generated
         offset = getattr(cache[0], "offset", None) if cache else None
         if isinstance(offset, int) and offset < len(tokens):
             tokens = tokens[:offset]
-        self.prefix_cache.put(tokens, cache)
+        self.prefix_cache.put(tokens, cache, req.max_kv_size, req.kv_bits)
 
 
 def _set_result(future: asyncio.Future[Any], value: Any) -> None:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from server.admission import Decision, DecisionKind, Need, Resident, State, decide
+from server.admission import Decision, DecisionKind, Need, Reason, Resident, State, decide
 from server.config import ModelEntry
 from server.engine import LoadedModel
 from server.estimate import ModelProfile, estimate_request
@@ -36,6 +36,8 @@ from server.memory import (
 )
 
 log = logging.getLogger("mlxd.gate")
+
+_MEMORY_WAITS = frozenset({Reason.MEMORY_BUSY, Reason.MACHINE_BUSY, Reason.PRESSURE})
 
 Snapshotter = Callable[[], MemorySnapshot]
 
@@ -56,12 +58,15 @@ class MemoryGate:
         snapshot: Snapshotter = take_snapshot,
         swap_baseline: int | None = None,
         prefix_cache_bytes: Callable[[], int] = lambda: 0,
+        evict_prefix_cache: Callable[[], None] = lambda: None,
     ) -> None:
         self.budget = budget
         self._snapshot = snapshot
         first = snapshot()
         self.swap_baseline = first.swap_used if swap_baseline is None else swap_baseline
         self.prefix_cache_bytes = prefix_cache_bytes
+        self.evict_prefix_cache = evict_prefix_cache
+        self.evictions = 0
         self.profiles: dict[str, ModelProfile] = {}
         self.resident: ModelEntry | None = None
         self.resident_weights = 0
@@ -158,6 +163,11 @@ class MemoryGate:
             raise decision.error()
         if decision.kind is DecisionKind.WAIT:
             log.info("request for %s waits: %s", need.entry.id, decision.message)
+            if decision.reason in _MEMORY_WAITS and self.prefix_cache_bytes() > 0:
+                # Cached KV of earlier chats is the one memory mlxd can give back at once.
+                log.info("evicting the prefix cache to make room")
+                self.evictions += 1
+                self.evict_prefix_cache()
             return Verdict.WAIT
         if decision.kind is DecisionKind.ADMIT:
             self.reserved += need.need.request
@@ -200,6 +210,8 @@ class MemoryGate:
             "available": snap.available,
             "total": snap.total,
             "reserved": self.reserved,
+            "prefix_cache": self.prefix_cache_bytes(),
+            "prefix_cache_evictions": self.evictions,
             "resident_weights": self.resident_weights,
         }
 

@@ -26,6 +26,7 @@ class _Entry:
     tokens: list[int]
     cache: list[Any]
     nbytes: int
+    layout: tuple[int | None, int | None]  # (max_kv_size, kv_bits) the cache was built with
 
 
 @dataclass(frozen=True)
@@ -71,14 +72,19 @@ class PrefixCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def take(self, prompt: Sequence[int]) -> CacheHit:
+    def take(
+        self, prompt: Sequence[int], max_kv_size: int | None = None, kv_bits: int | None = None
+    ) -> CacheHit:
         """Remove and return the entry sharing the longest prefix with ``prompt``.
 
-        At least one prompt token is always left to compute: generation needs the logits of the
-        last prompt position.
+        Only caches built the same way (KV cap, KV quantization) are candidates. At least one
+        prompt token is always left to compute: generation needs the logits of the last prompt
+        position.
         """
         best: tuple[int, int] | None = None  # (usable prefix, index)
         for index, entry in enumerate(self._entries):
+            if entry.layout != (max_kv_size, kv_bits):
+                continue
             shared = min(common_prefix(entry.tokens, prompt), len(prompt) - 1)
             if shared < len(entry.tokens) and not _trimmable(entry.cache):
                 continue
@@ -96,12 +102,18 @@ class PrefixCache:
         self.reused_tokens += shared
         return CacheHit(entry.cache, shared)
 
-    def put(self, tokens: list[int], cache: list[Any]) -> None:
+    def put(
+        self,
+        tokens: list[int],
+        cache: list[Any],
+        max_kv_size: int | None = None,
+        kv_bits: int | None = None,
+    ) -> None:
         """Keep ``cache`` (holding exactly ``tokens``) for later requests."""
         size = cache_nbytes(cache)
         if size > self.max_bytes or not tokens:
             return
-        self._entries.append(_Entry(list(tokens), cache, size))
+        self._entries.append(_Entry(list(tokens), cache, size, (max_kv_size, kv_bits)))
         self.evict_to(self.max_bytes)
 
     def evict_to(self, max_bytes: int) -> int:

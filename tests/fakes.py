@@ -103,6 +103,10 @@ class FakeEngine:
     async def set_limits(self, memory_limit: int | None, wired_limit: int | None) -> None:
         self.events.append("limits")
 
+    async def evict_prefix_cache(self, max_bytes: int) -> int:
+        self.events.append(f"evict:{max_bytes}")
+        return 0
+
     def stats(self) -> dict[str, int]:
         return {"generations": len(self.requests)}
 

@@ -307,3 +307,21 @@ async def test_keep_alive_comments_while_the_prompt_is_processed(make_client: Cl
     first_content = next(i for i, line in enumerate(lines) if '"content":"late"' in line)
     assert any(line.startswith(":") for line in lines[:first_content])
     assert sse_payloads(r.text)[-1] == "[DONE]"
+
+
+async def test_parallel_tool_calls_false_returns_one_call(make_client: Client) -> None:
+    two = [
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Seoul"}}\n</tool_call>',
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>',
+    ]
+    client = make_client(FakeEngine(responder=lambda req: two))
+    body = {"model": "alpha", "messages": USER, "tools": TOOLS}
+    both = (await client.post("/v1/chat/completions", json=body)).json()["choices"][0]
+    assert len(both["message"]["tool_calls"]) == 2
+    one = (
+        await client.post("/v1/chat/completions", json={**body, "parallel_tool_calls": False})
+    ).json()["choices"][0]
+    assert [json.loads(c["function"]["arguments"]) for c in one["message"]["tool_calls"]] == [
+        {"city": "Seoul"}
+    ]
+    assert one["finish_reason"] == "tool_calls"

@@ -5,11 +5,18 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Callable
+from pathlib import Path
 
 import httpx
 import pytest
 
-from server.memory import PressureLevel, PressureReading
+from server.admission import Need
+from server.config import ModelEntry, PathSource
+from server.engine import LoadedModel
+from server.errors import InsufficientMemory
+from server.gate import MemoryGate, RequestNeed
+from server.manager import Verdict
+from server.memory import MemoryBudget, MemorySnapshot, MlxMemory, PressureLevel, PressureReading
 from tests.fakes import FakeEngine
 
 pytestmark = pytest.mark.anyio
@@ -89,3 +96,52 @@ async def test_auto_routes_to_a_tagged_model(make_client: Client) -> None:
     assert r.json()["model"] in ("alpha", "beta") and r.headers["x-mlxd-model"] == r.json()["model"]
     r = await client.post("/v1/chat/completions", json={"model": "auto:huge", "messages": USER})
     assert r.status_code == 404
+
+
+def _snapshot(available: int, mlx_active: int = 0) -> MemorySnapshot:
+    return MemorySnapshot(
+        platform="linux", source="test", total=16 << 30, available=available,
+        physical_total=16 << 30, swap_total=0, swap_used=0,
+        mlx=MlxMemory(active=mlx_active, cache=0),
+    )  # fmt: skip
+
+
+def _entry(name: str) -> ModelEntry:
+    return ModelEntry(id=name, source=PathSource(path="/x"))
+
+
+def test_gate_evicts_prefix_cache_when_memory_is_short() -> None:
+    """A request that does not fit beside the cached KV of earlier chats frees that cache."""
+    budget = MemoryBudget(limit=10 << 30, total=16 << 30, reserve=0.22, basis="test")
+    evicted: list[int] = []
+    prefix = {"bytes": 3 << 30}
+    gate = MemoryGate(
+        budget,
+        snapshot=lambda: _snapshot(available=12 << 30, mlx_active=(6 << 30) + prefix["bytes"]),
+        prefix_cache_bytes=lambda: prefix["bytes"],
+        evict_prefix_cache=lambda: evicted.append(1),
+    )
+    entry = _entry("m")
+    gate.loaded(entry, LoadedModel(Path("/x"), {}, 0.0, 0, 6 << 30))
+    need = RequestNeed(Need("m", weights=6 << 30, request=2 << 30, prompt_tokens=10,
+                            max_tokens=10), entry)  # fmt: skip
+    assert gate.check(need, resident=entry, active=0) is Verdict.WAIT
+    assert evicted == [1]
+    prefix["bytes"] = 0  # the engine dropped it
+    assert gate.check(need, resident=entry, active=0) is Verdict.GO
+    assert gate.reserved == 2 << 30
+    gate.released(need)
+    assert gate.reserved == 0
+
+
+def test_gate_refuses_what_never_fits_before_queueing() -> None:
+    budget = MemoryBudget(limit=1 << 30, total=16 << 30, reserve=0.22, basis="test")
+    gate = MemoryGate(budget, snapshot=lambda: _snapshot(available=12 << 30))
+    entry = _entry("big")
+    need = RequestNeed(
+        Need("big", weights=2 << 30, request=1 << 20, prompt_tokens=10, max_tokens=10), entry
+    )
+    with pytest.raises(InsufficientMemory) as info:
+        gate.precheck(need)
+    assert "2.00 GiB of weights" in info.value.message
+    assert "memory budget of 1.00 GiB" in info.value.message
