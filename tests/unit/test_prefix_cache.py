@@ -71,3 +71,11 @@ def test_too_large_entry_is_not_kept() -> None:
     pc = PrefixCache(max_bytes=10)
     pc.put([1, 2, 3], kv(3))
     assert len(pc) == 0
+
+
+def test_only_caches_of_the_same_layout_are_reused() -> None:
+    pc = PrefixCache(max_bytes=1 << 30)
+    pc.put([1, 2, 3, 4], kv(4), max_kv_size=None, kv_bits=8)
+    assert pc.take([1, 2, 3, 4, 5]).cache is None  # plain request, quantized cache: no
+    hit = pc.take([1, 2, 3, 4, 5], kv_bits=8)
+    assert hit.reused == 4
