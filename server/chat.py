@@ -15,7 +15,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -91,7 +91,6 @@ class ChatRun:
         prepared: Prepared,
         engine: Engine,
         exit_stack: contextlib.AsyncExitStack,
-        on_finish: Callable[[ChatRun, Finish], None] | None = None,
     ) -> None:
         self.id = completion_id()
         self.created = now()
@@ -99,7 +98,6 @@ class ChatRun:
         self.model = prepared.entry.id
         self._engine = engine
         self._stack = exit_stack
-        self._on_finish = on_finish
         self.request = GenerationRequest(
             prompt=prepared.prompt,
             max_tokens=prepared.max_tokens,
@@ -113,6 +111,20 @@ class ChatRun:
         )
         self.first_token_at: float | None = None
         self.started_at = time.perf_counter()
+
+    def _log(self, finish: Finish) -> None:
+        """One line per request: what ran and how fast (the server's access log)."""
+        end = time.perf_counter()
+        u = finish.usage
+        ttft = (self.first_token_at or end) - self.started_at
+        decode = end - (self.first_token_at or end)
+        rate = (u.completion_tokens - 1) / decode if u.completion_tokens > 1 and decode else 0.0
+        log.info(
+            "chat id=%s model=%s prompt=%d cached=%d completion=%d ttft_ms=%.0f "
+            "decode_tok_s=%.1f finish=%s",
+            self.id, self.model, u.prompt_tokens, u.cached_tokens, u.completion_tokens,
+            ttft * 1000, rate, finish.reason,
+        )  # fmt: skip
 
     def cancel(self, reason: str = "cancelled") -> None:
         self.request.cancel_reason = reason
@@ -183,8 +195,7 @@ class ChatRun:
                 if tools.call_count and finish_reason == "stop" and not tools.truncated:
                     finish_reason = "tool_calls"
             finish = Finish(finish_reason, usage)
-            if self._on_finish is not None:
-                self._on_finish(self, finish)
+            self._log(finish)
             yield finish
         finally:
             await self.aclose()
@@ -202,7 +213,6 @@ class ChatService:
         self.manager = manager
         self.engine = engine
         self.gate = gate
-        self.on_finish: Callable[[ChatRun, Finish], None] | None = None
         self.running: set[ChatRun] = set()
 
     def end_running(self, reason: str) -> int:
@@ -228,7 +238,7 @@ class ChatService:
         except BaseException:
             await stack.aclose()
             raise
-        run = ChatRun(prepared, self.engine, stack, self.on_finish)
+        run = ChatRun(prepared, self.engine, stack)
         self.running.add(run)
         stack.callback(self.running.discard, run)
         return run
