@@ -56,10 +56,19 @@ def _trim(cache: list[Any], n: int) -> None:
         c.trim(n)
 
 
+# A shorter match is not worth taking: it is usually just the chat template's header, and
+# taking an entry trims it, destroying another conversation's history for a few tokens (and on
+# CUDA, prefilling on top of a trimmed cache measured slower than starting fresh).
+MIN_REUSE_TOKENS = 64
+
+
 class PrefixCache:
-    def __init__(self, max_bytes: int, max_entries: int = 8) -> None:
+    def __init__(
+        self, max_bytes: int, max_entries: int = 8, min_reuse: int = MIN_REUSE_TOKENS
+    ) -> None:
         self.max_bytes = max_bytes
         self.max_entries = max_entries
+        self.min_reuse = min_reuse
         self._entries: list[_Entry] = []  # least recently used first
         self.hits = 0
         self.misses = 0
@@ -88,7 +97,7 @@ class PrefixCache:
             shared = min(common_prefix(entry.tokens, prompt), len(prompt) - 1)
             if shared < len(entry.tokens) and not _trimmable(entry.cache):
                 continue
-            if shared > 0 and (best is None or shared > best[0]):
+            if shared >= self.min_reuse and (best is None or shared > best[0]):
                 best = (shared, index)
         if best is None:
             self.misses += 1

@@ -16,7 +16,8 @@ pytestmark = pytest.mark.e2e
 
 async def converse(engine: MLXEngine, tokenizer: Any, turns: list[str]) -> list[tuple[str, int]]:
     """A multi-turn chat; returns each reply with the prompt tokens served from the cache."""
-    history: list[dict[str, str]] = []
+    # A system prompt long enough that each turn shares more than the cache's minimum reuse.
+    history: list[dict[str, str]] = [{"role": "system", "content": SYSTEM}]
     out = []
     for user in turns:
         history.append({"role": "user", "content": user})
@@ -33,6 +34,11 @@ async def converse(engine: MLXEngine, tokenizer: Any, turns: list[str]) -> list[
     return out
 
 
+SYSTEM = (
+    "You are a concise assistant in a grocery store. Answer in one short sentence, use plain "
+    "words, avoid lists unless asked, and keep a friendly tone. The store sells fruit, "
+    "vegetables, bread, cheese and fish; prices are not known to you."
+)
 TURNS = [
     "Name three fruits.",
     "Which of them is the sweetest?",
