@@ -66,9 +66,14 @@ test: install openblas
 	$(MLXD) pull
 	$(VENV)/bin/pytest -q
 
+# Side by side on the default model: in-process mlx-lm, mlxd, mlxd without its prefix cache, and
+# mlx_lm.server; results (table, JSON lines, plot) land in bench/results/. BENCH_ARGS=--quick
+# for a short run.
 bench: install openblas
-	$(MLXD) pull
-	$(MLXD) bench --spawn-mlxd --spawn-mlx-lm
+	@dir=$$($(MLXD) pull | sed -n 's/^[^:]*: //p' | head -1); \
+	$(MLXD) bench --model-dir "$$dir" --spawn-mlxd \
+	  --spawn "mlxd-nocache={python} -m server serve --config {config} --port {port} --preload --prefix-cache 0" \
+	  --spawn-mlx-lm $(BENCH_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check server tests
