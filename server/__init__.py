@@ -5,7 +5,13 @@ Importing the package preloads an optimized BLAS on Linux CPU builds of MLX
 anywhere in the process, which is why it lives here rather than in the CLI.
 """
 
+import os
+
 from server.backend import preload_blas
+
+# mlxd uses transformers only for tokenizers; its "PyTorch was not found" advice would be printed
+# on every start and means nothing here.
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 __version__ = "0.1.0"
 
