@@ -37,6 +37,8 @@ from server.memory import (
 
 log = logging.getLogger("mlxd.gate")
 
+SNAPSHOT_MAX_AGE = 1.0  # seconds a memory reading is reused for admission decisions
+
 _MEMORY_WAITS = frozenset({Reason.MEMORY_BUSY, Reason.MACHINE_BUSY, Reason.PRESSURE})
 
 Snapshotter = Callable[[], MemorySnapshot]
@@ -73,6 +75,7 @@ class MemoryGate:
         self.reserved = 0
         self.last_reading: PressureReading = assess_pressure(first, budget, self.swap_baseline)
         self.last_snapshot = first
+        self._snapshot_at = time.monotonic()
         self.last_decision: Decision | None = None
         self.paused_by_pressure = False
 
@@ -127,8 +130,7 @@ class MemoryGate:
     # ---- decisions -------------------------------------------------------------------------------
 
     def state(self, active: int, snapshot: MemorySnapshot | None = None) -> State:
-        snapshot = snapshot or self._snapshot()
-        self.last_snapshot = snapshot
+        snapshot = snapshot or self._current()
         reading = assess_pressure(snapshot, self.budget, self.swap_baseline)
         self.last_reading = reading
         resident = None
@@ -168,6 +170,7 @@ class MemoryGate:
                 log.info("evicting the prefix cache to make room")
                 self.evictions += 1
                 self.evict_prefix_cache()
+                self._snapshot_at = float("-inf")
             return Verdict.WAIT
         if decision.kind is DecisionKind.ADMIT:
             self.reserved += need.need.request
@@ -178,19 +181,28 @@ class MemoryGate:
             self.reserved = max(0, self.reserved - need.need.request)
 
     def loaded(self, entry: ModelEntry, info: LoadedModel) -> None:
+        self._snapshot_at = float("-inf")  # memory just changed: read it again next time
         self.resident = entry
         profile = self.profiles.get(entry.id)
         self.resident_weights = profile.weights if profile else info.active_bytes
 
     def unloaded(self, entry: ModelEntry) -> None:
+        self._snapshot_at = float("-inf")
         self.resident = None
         self.resident_weights = 0
 
     # ---- monitoring ----------------------------------------------------------------------------
 
+    def _current(self, max_age: float = SNAPSHOT_MAX_AGE) -> MemorySnapshot:
+        """A reading at most ``max_age`` old: on macOS a reading runs sysctl and vm_stat
+        (~10 ms), too slow to repeat for every request's admission."""
+        if time.monotonic() - self._snapshot_at > max_age:
+            self.last_snapshot = self._snapshot()
+            self._snapshot_at = time.monotonic()
+        return self.last_snapshot
+
     def poll(self) -> PressureReading:
-        snapshot = self._snapshot()
-        self.last_snapshot = snapshot
+        snapshot = self._current(max_age=0.0)
         self.last_reading = assess_pressure(snapshot, self.budget, self.swap_baseline)
         return self.last_reading
 
