@@ -221,12 +221,8 @@ class ChatService:
             run.cancel(reason)
         return len(self.running)
 
-    def resolve(self, name: str) -> ModelEntry:
-        return self.registry.get(name)
-
-    async def start(self, request: ChatRequest, entry: ModelEntry | None = None) -> ChatRun:
+    async def start(self, request: ChatRequest, entry: ModelEntry) -> ChatRun:
         """Validate, render and admit ``request``; errors raise before anything is streamed."""
-        entry = entry or self.resolve(request.model)
         prepared = await self.prepare(request, entry)
         if self.gate is not None and prepared.need is not None:
             self.gate.precheck(prepared.need)  # never fits: refuse now, not after queueing

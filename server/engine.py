@@ -74,7 +74,6 @@ class GenerationChunk:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
-    prompt_seconds: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -162,7 +161,8 @@ class MLXEngine:
         import mlx.core as mx
         from mlx_lm.utils import load_model
 
-        self._unload()
+        if self._model is not None:  # the manager unloads first; this guards direct callers
+            self._unload()
         start = time.perf_counter()
         mx.reset_peak_memory()
         try:
@@ -333,8 +333,6 @@ class MLXEngine:
         detok.reset()
         generated: list[int] = []
         n_prompt = len(req.prompt)
-        started = time.perf_counter()
-        prompt_seconds = 0.0
         finish: str | None = None
         hit_eos = False
         try:
@@ -345,8 +343,6 @@ class MLXEngine:
             )  # fmt: skip
             for step, _ in steps:
                 token = int(step)  # generate_step yields Python ints (via .item())
-                if not generated:
-                    prompt_seconds = time.perf_counter() - started
                 generated.append(token)
                 self.tokens_generated += 1
                 if token in eos:
@@ -358,9 +354,8 @@ class MLXEngine:
                     detok.finalize()
                     finish = "length"
                 chunk = GenerationChunk(
-                    detok.last_segment, token, finish, n_prompt, len(generated), hit.reused,
-                    prompt_seconds,
-                )  # fmt: skip
+                    detok.last_segment, token, finish, n_prompt, len(generated), hit.reused
+                )
                 emit(chunk)
                 if last:
                     break
@@ -382,7 +377,6 @@ class MLXEngine:
                     n_prompt,
                     completion,
                     hit.reused,
-                    prompt_seconds,
                 )
             )
 

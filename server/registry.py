@@ -30,6 +30,7 @@ class Registry:
                 self._by_name[name] = entry
         self._tokenizers: dict[str, Any] = {}
         self._configs: dict[str, dict[str, Any]] = {}
+        self._generation: dict[str, dict[str, Any]] = {}
         self._prepared: dict[str, Path] = {}
         self._locks: dict[str, asyncio.Lock] = {}
 
@@ -81,14 +82,18 @@ class Registry:
 
     def generation_defaults(self, entry: ModelEntry) -> dict[str, Any]:
         """Sampling defaults the model ships in generation_config.json (empty if none)."""
+        cached = self._generation.get(entry.id)
+        if cached is not None:
+            return cached
         path = self._prepared.get(entry.id)
         if path is None:
             return {}
         try:
             data = json.loads((path / "generation_config.json").read_text(encoding="utf-8"))
         except (OSError, ValueError):
-            return {}
-        return data if isinstance(data, dict) else {}
+            data = {}
+        self._generation[entry.id] = data if isinstance(data, dict) else {}
+        return self._generation[entry.id]
 
     async def config(self, entry: ModelEntry) -> dict[str, Any]:
         cached = self._configs.get(entry.id)
