@@ -61,7 +61,8 @@ def _state(request: Request) -> AppState:
     return state
 
 
-async def parse_chat_request(request: Request) -> ChatRequest:
+async def read_json_object(request: Request) -> dict[str, Any]:
+    """The request body as a JSON object (every API's routes read their bodies through this)."""
     body = await request.body()
     try:
         data: Any = json.loads(body)
@@ -69,6 +70,11 @@ async def parse_chat_request(request: Request) -> ChatRequest:
         raise BadRequest(f"the request body is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise BadRequest("the request body must be a JSON object")
+    return data
+
+
+async def parse_chat_request(request: Request) -> ChatRequest:
+    data = await read_json_object(request)
     try:
         return ChatRequest.model_validate(data)
     except ValidationError as exc:

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Callable
 
 from fastapi import FastAPI
 
-from server import __version__
+from server import __version__, apis
 from server.api import install_error_handlers, router
 from server.chat import ChatService
 from server.config import ConfigError, ModelsFile, Settings, load_models, parse_duration
@@ -131,5 +131,6 @@ def create_app(
     app = FastAPI(title="mlxd", version=__version__, lifespan=lifespan)
     app.state.mlxd = state
     app.include_router(router)
+    apis.install(app)
     install_error_handlers(app)
     return app

@@ -60,6 +60,7 @@ class Usage:
 class Finish:
     reason: str
     usage: Usage
+    stop_sequence: str | None = None  # the stop string that ended the output, if one did
 
 
 @dataclass
@@ -161,6 +162,7 @@ class ChatRun:
 
         try:
             finish_reason = "stop"
+            stop_sequence = None
             usage = Usage(len(p.prompt), 0, 0)
             async for chunk in self._engine.generate(self.request):
                 if self.first_token_at is None:
@@ -176,7 +178,7 @@ class ChatRun:
                     yield delta
                 if matched.stopped:
                     self.cancel("stop")
-                    finish_reason = "stop"
+                    finish_reason, stop_sequence = "stop", matched.stop
                     break
                 if tools is not None and tools.call_count and not p.parallel_tool_calls:
                     self.cancel("stop")  # parallel_tool_calls=false: one call, then stop
@@ -194,7 +196,7 @@ class ChatRun:
                     yield Delta(invalidated=[tools.incomplete_call])
                 if tools.call_count and finish_reason == "stop" and not tools.truncated:
                     finish_reason = "tool_calls"
-            finish = Finish(finish_reason, usage)
+            finish = Finish(finish_reason, usage, stop_sequence)
             self._log(finish)
             yield finish
         finally:
@@ -221,9 +223,11 @@ class ChatService:
             run.cancel(reason)
         return len(self.running)
 
-    async def start(self, request: ChatRequest, entry: ModelEntry) -> ChatRun:
+    async def start(
+        self, request: ChatRequest, entry: ModelEntry, raw_prompt: list[int] | None = None
+    ) -> ChatRun:
         """Validate, render and admit ``request``; errors raise before anything is streamed."""
-        prepared = await self.prepare(request, entry)
+        prepared = await self.prepare(request, entry, raw_prompt)
         if self.gate is not None and prepared.need is not None:
             self.gate.precheck(prepared.need)  # never fits: refuse now, not after queueing
         stack = contextlib.AsyncExitStack()
@@ -239,14 +243,24 @@ class ChatService:
         stack.callback(self.running.discard, run)
         return run
 
-    async def prepare(self, request: ChatRequest, entry: ModelEntry) -> Prepared:
+    async def prepare(
+        self, request: ChatRequest, entry: ModelEntry, raw_prompt: list[int] | None = None
+    ) -> Prepared:
+        """``raw_prompt`` (token ids) replaces the chat template: the text-completion APIs send
+        the model exactly those tokens and get its raw text back (no reasoning or tool parsing);
+        ``request.messages`` is then unused."""
         tokenizer = await self.registry.tokenizer(entry)
         config = await self.registry.config(entry)
         tools = [t.model_dump(exclude_none=True) for t in request.tools or []] or None
+        if raw_prompt is not None:
+            tools = None
         choice = request.tool_choice
         render_tools = tools if choice != "none" else None
-        prompt_text = render_prompt(tokenizer, request, entry, render_tools)
-        prompt = list(tokenizer.encode(prompt_text, add_special_tokens=False))
+        if raw_prompt is None:
+            prompt_text = render_prompt(tokenizer, request, entry, render_tools)
+            prompt = list(tokenizer.encode(prompt_text, add_special_tokens=False))
+        else:
+            prompt_text, prompt = "", list(raw_prompt)
         context = context_limit(entry, config)
         max_tokens = resolve_max_tokens(request, entry, len(prompt), context)
         processors = tool_choice_processors(tokenizer, prompt_text, choice, tools)
@@ -272,7 +286,7 @@ class ChatService:
             sampling=sampling,
             stops=request.stop_list,
             tokenizer=tokenizer,
-            think=bool(tokenizer.has_thinking),
+            think=bool(tokenizer.has_thinking) and raw_prompt is None,
             starts_in_reasoning=starts_in_reasoning,
             tools=render_tools,
             processors=processors,

@@ -6,7 +6,8 @@
     ├── BadRequest (400, invalid_request_error)
     │   ├── ContextLengthExceeded (400, code=context_length_exceeded)
     │   └── InsufficientMemory (400, code=insufficient_memory)  never fits the budget
-    ├── ModelNotFound (404, code=model_not_found)
+    ├── NotFound (404)                                          e.g. an unknown stored response
+    │   └── ModelNotFound (404, code=model_not_found)
     ├── Overloaded (503, code=overloaded) + Retry-After        memory or queue full for now
     ├── ModelLoadFailed (500, code=model_load_failed)          files missing or corrupt
     └── EngineFailure (500, code=engine_error)                 generation raised
@@ -68,9 +69,12 @@ class InsufficientMemory(BadRequest):
     default_code = "insufficient_memory"
 
 
-class ModelNotFound(MlxdError):
+class NotFound(MlxdError):
     status_code = 404
     error_type = "invalid_request_error"
+
+
+class ModelNotFound(NotFound):
     default_code = "model_not_found"
 
     def __init__(self, model: str, known: list[str]) -> None:
