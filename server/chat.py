@@ -82,6 +82,7 @@ class Prepared:
     keep_alive: KeepAlive | None
     need: RequestNeed | None = None
     parallel_tool_calls: bool = True
+    raw: bool = False  # a raw prompt (no chat template): the output continues it verbatim
 
 
 class ChatRun:
@@ -109,6 +110,7 @@ class ChatRun:
             max_kv_size=prepared.entry.max_kv_size,
             kv_bits=prepared.entry.kv_bits,
             prefill_step_size=prepared.entry.prefill_step_size,
+            keep_leading_space=prepared.raw,
         )
         self.first_token_at: float | None = None
         self.started_at = time.perf_counter()
@@ -294,6 +296,7 @@ class ChatService:
             keep_alive=keep_alive,
             need=need,
             parallel_tool_calls=request.parallel_tool_calls is not False,
+            raw=raw_prompt is not None,
         )
 
 

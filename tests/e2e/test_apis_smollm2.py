@@ -228,6 +228,7 @@ def test_completions_plain_echo_stream(oai: openai.OpenAI) -> None:
     assert c.object == "text_completion" and c.choices[0].finish_reason == "length"
     assert c.usage is not None and c.usage.completion_tokens == 6
     text = c.choices[0].text
+    assert text.startswith(" Paris")  # a continuation keeps its first token's leading space
     echoed = oai.completions.create(
         model="smollm2", prompt=prompt, max_tokens=6, temperature=0, echo=True
     )
