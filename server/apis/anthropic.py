@@ -30,6 +30,7 @@ from server.apis.common import (
     Call,
     app_state,
     arguments_object,
+    chat_request,
     error_route,
     fold,
     parse_body,
@@ -188,7 +189,7 @@ def to_messages(req: MessagesRequest) -> list[dict[str, Any]]:
     return out
 
 
-def to_chat_request(req: MessagesRequest) -> ChatRequest:
+def chat_fields(req: MessagesRequest) -> dict[str, Any]:
     data: dict[str, Any] = {
         "model": req.model,
         "messages": to_messages(req),
@@ -228,7 +229,11 @@ def to_chat_request(req: MessagesRequest) -> ChatRequest:
             data["parallel_tool_calls"] = False
     if req.thinking is not None and req.thinking.type != "adaptive":
         data["chat_template_kwargs"] = {"enable_thinking": req.thinking.type == "enabled"}
-    return ChatRequest.model_validate(data)
+    return data
+
+
+def to_chat_request(req: MessagesRequest) -> ChatRequest:
+    return chat_request(chat_fields(req))
 
 
 def message_id() -> str:

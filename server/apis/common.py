@@ -23,6 +23,7 @@ from server.api import read_json_object, validation_error
 from server.chat import ChatRun, Delta, Finish
 from server.errors import BadRequest, MlxdError
 from server.parsers.hermes import ToolCallDelta
+from server.protocol import ChatRequest
 from server.state import AppState
 
 log = logging.getLogger("mlxd.apis")
@@ -40,6 +41,14 @@ async def parse_body(request: Request, model: type[M]) -> M:
     data = await read_json_object(request)
     try:
         return model.model_validate(data)
+    except ValidationError as exc:
+        raise validation_error(exc) from None
+
+
+def chat_request(fields: dict[str, Any]) -> ChatRequest:
+    """A translated request, validated by the chat schema (its limits are every API's limits)."""
+    try:
+        return ChatRequest.model_validate(fields)
     except ValidationError as exc:
         raise validation_error(exc) from None
 

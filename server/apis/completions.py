@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette import EventSourceResponse
 from starlette.background import BackgroundTask
 
-from server.apis.common import app_state, parse_body
+from server.apis.common import app_state, chat_request, parse_body
 from server.chat import ChatRun, Finish
 from server.engine import GenerationChunk
 from server.errors import BadRequest, EngineFailure, MlxdError
@@ -170,7 +170,7 @@ SAMPLING_FIELDS = (
 )
 
 
-def to_chat_request(req: CompletionRequest, extra_stops: list[str]) -> ChatRequest:
+def chat_fields(req: CompletionRequest, extra_stops: list[str]) -> dict[str, Any]:
     """The request's limits and sampling in the chat service's terms.
 
     The messages are a placeholder: the prompt travels as token ids (``raw_prompt``).
@@ -184,7 +184,11 @@ def to_chat_request(req: CompletionRequest, extra_stops: list[str]) -> ChatReque
     if extra_stops:
         stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         data["stop"] = stops + [s for s in extra_stops if s not in stops]
-    return ChatRequest.model_validate(data)
+    return data
+
+
+def to_chat_request(req: CompletionRequest, extra_stops: list[str]) -> ChatRequest:
+    return chat_request(chat_fields(req, extra_stops))
 
 
 def _choice(text: str, finish: str | None) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from server.apis.common import (
     Call,
     app_state,
     arguments_object,
+    chat_request,
     error_route,
     fold,
     json_arguments,
@@ -147,7 +148,7 @@ def messages_of(body: ChatBody) -> list[dict[str, Any]]:
     return out
 
 
-def to_chat_request(body: Common, messages: list[dict[str, Any]]) -> ChatRequest:
+def chat_fields(body: Common, messages: list[dict[str, Any]]) -> dict[str, Any]:
     o = body.options
     limit = o.num_predict if o.num_predict is not None and o.num_predict > 0 else None
     data: dict[str, Any] = {
@@ -184,7 +185,11 @@ def to_chat_request(body: Common, messages: list[dict[str, Any]]) -> ChatRequest
         )
     if isinstance(data["keep_alive"], float):
         data["keep_alive"] = f"{data['keep_alive']}s"
-    return ChatRequest.model_validate(data)
+    return data
+
+
+def to_chat_request(body: Common, messages: list[dict[str, Any]]) -> ChatRequest:
+    return chat_request(chat_fields(body, messages))
 
 
 def timestamp(at: float | None = None) -> str:

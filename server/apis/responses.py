@@ -31,7 +31,16 @@ from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette import EventSourceResponse
 from starlette.background import BackgroundTask
 
-from server.apis.common import BlockEvent, Blocks, Call, Folded, app_state, fold, parse_body
+from server.apis.common import (
+    BlockEvent,
+    Blocks,
+    Call,
+    Folded,
+    app_state,
+    chat_request,
+    fold,
+    parse_body,
+)
 from server.chat import ChatRun, Finish
 from server.errors import BadRequest, EngineFailure, MlxdError, NotFound
 from server.protocol import ChatRequest, dumps
@@ -176,7 +185,7 @@ def input_messages(items: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def to_chat_request(req: ResponsesRequest, history: list[dict[str, Any]]) -> ChatRequest:
+def chat_fields(req: ResponsesRequest, history: list[dict[str, Any]]) -> dict[str, Any]:
     if req.background:
         raise BadRequest("background responses are not supported", param="background")
     messages = list(history)
@@ -233,7 +242,11 @@ def to_chat_request(req: ResponsesRequest, history: list[dict[str, Any]]) -> Cha
             data["response_format"] = {"type": "json_schema", "json_schema": schema}
         else:
             data["response_format"] = {"type": fmt.get("type")}
-    return ChatRequest.model_validate(data)
+    return data
+
+
+def to_chat_request(req: ResponsesRequest, history: list[dict[str, Any]]) -> ChatRequest:
+    return chat_request(chat_fields(req, history))
 
 
 def new_id(prefix: str) -> str:
