@@ -100,6 +100,12 @@ class Thinking(BaseModel):
     budget_tokens: int | None = Field(default=None, ge=1)
 
 
+class OutputConfig(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    effort: Literal["low", "medium", "high", "xhigh", "max"] | None = None
+    format: dict[str, Any] | None = None
+
+
 class MessagesRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
     model: str = Field(min_length=1)
@@ -113,6 +119,7 @@ class MessagesRequest(BaseModel):
     tools: list[AnthropicTool] | None = None
     tool_choice: ToolChoice | None = None
     thinking: Thinking | None = None
+    output_config: OutputConfig | None = None
     stream: bool = False
     metadata: dict[str, Any] | None = None
 
@@ -229,6 +236,13 @@ def chat_fields(req: MessagesRequest) -> dict[str, Any]:
             data["parallel_tool_calls"] = False
     if req.thinking is not None and req.thinking.type != "adaptive":
         data["chat_template_kwargs"] = {"enable_thinking": req.thinking.type == "enabled"}
+    out = req.output_config
+    if out is not None and out.effort is not None:
+        data["reasoning_effort"] = "high" if out.effort in ("xhigh", "max") else out.effort
+    if out is not None and out.format is not None:
+        # Structured output is the chat path's: its response_format, in chat's shape.
+        schema = {"name": "output", "schema": out.format.get("schema") or {}}
+        data["response_format"] = {"type": "json_schema", "json_schema": schema}
     return data
 
 

@@ -445,8 +445,17 @@ async def show(request: Request) -> dict[str, Any]:
         capabilities.append("tools")
     if tokenizer.has_thinking:
         capabilities.append("thinking")
-    if fim_style(tokenizer) is not None:
+    fim = fim_style(tokenizer)
+    if fim is not None:
         capabilities.append("insert")
+        # Clients (Continue) look for ".Suffix" in an Ollama template to decide whether a model
+        # can fill in the middle; this line says, in Ollama's template syntax, how mlxd frames it.
+        style = fim[0]
+        fim_line = (
+            f"{{{{- if .Suffix }}}}{style.prefix}{{{{ .Prompt }}}}{style.suffix}"
+            f"{{{{ .Suffix }}}}{style.middle}{{{{- end }}}}\n"
+        )
+        template = fim_line + template
     arch = str(config.get("model_type") or "unknown")
     info: dict[str, Any] = {
         "general.architecture": arch,

@@ -286,6 +286,7 @@ def test_ollama_listing_show_ps_version_and_load(
     assert "smollm2:latest" in names
     shown = olla.show("smollm2")
     assert "completion" in (shown.capabilities or [])
+    assert "insert" not in (shown.capabilities or []) and ".Suffix" not in (shown.template or "")
     assert shown.modelinfo and shown.modelinfo["llama.context_length"] == 8192
     olla.generate(model="smollm2", prompt="", keep_alive="5m")  # load
     running = olla.ps().models

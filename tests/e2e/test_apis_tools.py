@@ -303,5 +303,6 @@ def test_ollama_generate_with_suffix_and_show_capabilities(setup: Setup) -> None
     g = setup.olla.generate(model="qwen3-tiny", prompt="def add(a, b):\n",
                             suffix="\n    return c\n", options=GREEDY)  # fmt: skip
     assert g.response == "    c = a + b" and g.done_reason == "stop"
-    caps = setup.olla.show("qwen3-tiny").capabilities or []
-    assert {"completion", "tools", "thinking", "insert"} <= set(caps)
+    shown = setup.olla.show("qwen3-tiny")
+    assert {"completion", "tools", "thinking", "insert"} <= set(shown.capabilities or [])
+    assert ".Suffix" in (shown.template or "")  # how Continue decides a model can fill in

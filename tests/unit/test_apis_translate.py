@@ -202,6 +202,18 @@ def test_anthropic_refusals_name_the_field(bad: dict[str, Any], param: str) -> N
     assert e.value.param == param
 
 
+def test_anthropic_output_config() -> None:
+    fields = anthropic.chat_fields(
+        claude(output_config={"effort": "max", "format": {"type": "json_schema",
+                                                          "schema": {"type": "object"}}})
+    )  # fmt: skip
+    assert fields["reasoning_effort"] == "high"
+    assert fields["response_format"] == {
+        "type": "json_schema",
+        "json_schema": {"name": "output", "schema": {"type": "object"}},
+    }
+
+
 STOPS = {
     "eos": (finish("stop"), "end_turn"),
     "stop-string": (finish("stop", "###"), "stop_sequence"),
