@@ -297,3 +297,17 @@ def test_ollama_listing_show_ps_version_and_load(
     assert e.value.status_code == 404 and "missing" in e.value.error
     bad = httpx.post(f"{server.root}/api/chat", json={"model": "smollm2", "messages": "x"})
     assert bad.status_code == 400 and set(bad.json()) == {"error"}
+
+
+def test_prefix_cache_hits_show_in_anthropic_and_responses_usage(
+    claude: anthropic.Anthropic, oai: openai.OpenAI
+) -> None:
+    system = "You are a careful assistant. " * 20  # well past the cache's 64-token minimum
+    messages = [{"role": "user", "content": "Say hi."}]
+    claude.messages.create(model="smollm2", max_tokens=2, system=system, messages=messages)
+    again = claude.messages.create(model="smollm2", max_tokens=2, system=system, messages=messages)
+    assert (again.usage.cache_read_input_tokens or 0) > 64
+    assert again.usage.input_tokens < 64  # only the part after the shared history is new
+    r = oai.responses.create(model="smollm2", instructions=system, input="Say hi.",
+                             max_output_tokens=2)  # fmt: skip
+    assert r.usage is not None and r.usage.input_tokens_details.cached_tokens > 64
