@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
@@ -20,7 +21,7 @@ from sse_starlette import EventSourceResponse
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from server.chat import ChatService
+from server.chat import ChatRun, ChatService
 from server.errors import BadRequest, MlxdError
 from server.protocol import ChatRequest
 from server.render import completion, sse_events
@@ -81,6 +82,21 @@ async def parse_chat_request(request: Request) -> ChatRequest:
         raise validation_error(exc) from None
 
 
+def sse_response(
+    events: AsyncIterator[Any], run: ChatRun, seconds: float, headers: dict[str, str]
+) -> EventSourceResponse:
+    """An SSE reply for ``run`` (every API's streams go out this way)."""
+    return EventSourceResponse(
+        events,
+        headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        ping=seconds,
+        sep="\n",
+        # If the client is gone before the body starts, the generator never runs its
+        # cleanup; this releases the model lease in that case (aclose is idempotent).
+        background=BackgroundTask(run.aclose),
+    )
+
+
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request) -> Response:
     state = _state(request)
@@ -90,15 +106,8 @@ async def chat_completions(request: Request) -> Response:
     run = await service.start(chat_request, entry)
     headers = {"x-mlxd-model": run.model}
     if chat_request.stream:
-        return EventSourceResponse(
-            sse_events(run, chat_request.include_usage),
-            headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-            ping=state.settings.sse_ping_seconds,
-            sep="\n",
-            # If the client is gone before the body starts, the generator never runs its
-            # cleanup; this releases the model lease in that case (aclose is idempotent).
-            background=BackgroundTask(run.aclose),
-        )
+        events = sse_events(run, chat_request.include_usage)
+        return sse_response(events, run, state.settings.sse_ping_seconds, headers)
     return JSONResponse(await completion(run), headers=headers)
 
 

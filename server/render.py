@@ -11,6 +11,7 @@ from typing import Any
 
 from server.chat import ChatRun, Delta, Finish
 from server.errors import EngineFailure, MlxdError
+from server.fold import fold
 from server.parsers.hermes import ToolCallDelta
 from server.protocol import dumps, usage_dict
 
@@ -101,40 +102,18 @@ async def sse_events(run: ChatRun, include_usage: bool) -> AsyncIterator[str]:
 
 async def completion(run: ChatRun) -> dict[str, Any]:
     """Fold one run's events into a ``chat.completion`` object."""
-    content: list[str] = []
-    reasoning: list[str] = []
-    calls: dict[int, dict[str, Any]] = {}
-    invalid: set[int] = set()
-    finish: Finish | None = None
-    try:
-        async for event in run.events():
-            if isinstance(event, Finish):
-                finish = event
-                continue
-            content.append(event.content)
-            reasoning.append(event.reasoning)
-            invalid.update(event.invalidated)
-            for call in event.tool_calls:
-                slot = calls.setdefault(
-                    call.index,
-                    {"id": call.id, "type": "function", "function": {"name": "", "arguments": ""}},
-                )
-                if call.id is not None:
-                    slot["id"] = call.id
-                if call.name is not None:
-                    slot["function"]["name"] = call.name
-                slot["function"]["arguments"] += call.arguments
-    finally:
-        await run.aclose()
-    assert finish is not None
-    message: dict[str, Any] = {"role": "assistant", "content": "".join(content)}
-    valid = [calls[i] for i in sorted(calls) if i not in invalid]
-    if valid:
-        message["tool_calls"] = valid
+    folded = await fold(run)
+    message: dict[str, Any] = {"role": "assistant", "content": folded.content}
+    if folded.calls:
+        message["tool_calls"] = [
+            {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+            for c in folded.calls
+        ]
         if not message["content"]:
             message["content"] = None
-    if any(reasoning):
-        message["reasoning_content"] = "".join(reasoning)
+    if folded.reasoning:
+        message["reasoning_content"] = folded.reasoning
+    finish = folded.finish
     return {
         "id": run.id,
         "object": "chat.completion",

@@ -21,22 +21,21 @@ from typing import Any, Literal
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
-from sse_starlette import EventSourceResponse
-from starlette.background import BackgroundTask
 
+from server.api import sse_response
 from server.apis.common import (
     BlockEvent,
     Blocks,
-    Call,
     app_state,
     arguments_object,
     chat_request,
     error_route,
-    fold,
+    guarded,
     parse_body,
 )
 from server.chat import ChatRun, Finish
-from server.errors import BadRequest, EngineFailure, MlxdError
+from server.errors import BadRequest, MlxdError
+from server.fold import Call, fold
 from server.protocol import ChatRequest, dumps
 
 ERROR_TYPES = {
@@ -346,7 +345,7 @@ def block_events(event: BlockEvent) -> list[dict[str, str]]:
     return out
 
 
-async def stream(run: ChatRun, msg_id: str) -> AsyncIterator[dict[str, str]]:
+async def _events(run: ChatRun, msg_id: str) -> AsyncIterator[dict[str, str]]:
     start: dict[str, Any] = {
         "id": msg_id,
         "type": "message",
@@ -358,27 +357,27 @@ async def stream(run: ChatRun, msg_id: str) -> AsyncIterator[dict[str, str]]:
         "usage": {"input_tokens": len(run.prepared.prompt), "output_tokens": 0},
     }
     blocks = Blocks()
-    try:
-        yield _sse("message_start", {"message": start})
-        yield _sse("ping", {})
-        async for event in run.events():
-            if isinstance(event, Finish):
-                for closing in blocks.close():
-                    for frame in block_events(closing):
-                        yield frame
-                delta = {"stop_reason": stop_reason(event), "stop_sequence": event.stop_sequence}
-                yield _sse("message_delta", {"delta": delta, "usage": usage(event)})
-                yield _sse("message_stop", {})
-                continue
-            for block in blocks.feed(event):
-                for frame in block_events(block):
+    yield _sse("message_start", {"message": start})
+    yield _sse("ping", {})
+    async for event in run.events():
+        if isinstance(event, Finish):
+            for closing in blocks.close():
+                for frame in block_events(closing):
                     yield frame
-    except MlxdError as exc:
-        yield {"event": "error", "data": dumps(error_body(exc))}
-    except Exception as exc:
-        yield {"event": "error", "data": dumps(error_body(EngineFailure(f"{exc}")))}
-    finally:
-        await run.aclose()
+            delta = {"stop_reason": stop_reason(event), "stop_sequence": event.stop_sequence}
+            yield _sse("message_delta", {"delta": delta, "usage": usage(event)})
+            yield _sse("message_stop", {})
+            continue
+        for block in blocks.feed(event):
+            for frame in block_events(block):
+                yield frame
+
+
+def stream(run: ChatRun, msg_id: str) -> AsyncIterator[dict[str, str]]:
+    """The SSE events of one reply; an error after the start is an ``error`` event."""
+    return guarded(
+        run, _events(run, msg_id), lambda exc: {"event": "error", "data": dumps(error_body(exc))}
+    )
 
 
 @router.post("/v1/messages")
@@ -392,13 +391,7 @@ async def create_message(request: Request) -> Response:
     msg_id = message_id()
     headers = {"x-mlxd-model": run.model, "request-id": msg_id}
     if req.stream:
-        return EventSourceResponse(
-            stream(run, msg_id),
-            headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-            ping=state.settings.sse_ping_seconds,
-            sep="\n",
-            background=BackgroundTask(run.aclose),
-        )
+        return sse_response(stream(run, msg_id), run, state.settings.sse_ping_seconds, headers)
     return JSONResponse(await message(run, msg_id), headers=headers)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
@@ -20,8 +20,9 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel, ValidationError
 
 from server.api import read_json_object, validation_error
-from server.chat import ChatRun, Delta, Finish
-from server.errors import BadRequest, MlxdError
+from server.chat import ChatRun, Delta
+from server.errors import BadRequest, EngineFailure, MlxdError
+from server.fold import Call
 from server.parsers.hermes import ToolCallDelta
 from server.protocol import ChatRequest
 from server.state import AppState
@@ -29,6 +30,7 @@ from server.state import AppState
 log = logging.getLogger("mlxd.apis")
 
 M = TypeVar("M", bound=BaseModel)
+T = TypeVar("T")
 ErrorBody = Callable[[MlxdError], dict[str, Any]]
 
 
@@ -79,6 +81,22 @@ def error_route(render: ErrorBody) -> type[APIRoute]:
     return ShapedRoute
 
 
+async def guarded(
+    run: ChatRun, frames: AsyncIterator[T], error: Callable[[MlxdError], T]
+) -> AsyncIterator[T]:
+    """A stream's frames, then its error (headers are gone: in-band) as the API draws one;
+    the run is closed however the stream ends."""
+    try:
+        async for frame in frames:
+            yield frame
+    except MlxdError as exc:
+        yield error(exc)
+    except Exception as exc:
+        yield error(EngineFailure(f"{type(exc).__name__}: {exc}"))
+    finally:
+        await run.aclose()
+
+
 def arguments_object(arguments: str) -> dict[str, Any]:
     """Tool-call arguments as the object Anthropic and Ollama send (the parser checked them)."""
     try:
@@ -98,49 +116,6 @@ def json_arguments(value: Any, param: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise BadRequest("tool call arguments must be a JSON object", param=param)
     return value
-
-
-@dataclass
-class Call:
-    id: str
-    name: str
-    arguments: str = ""
-
-
-@dataclass
-class Folded:
-    """A whole run: what a non-streamed reply is built from."""
-
-    content: str
-    reasoning: str
-    calls: list[Call]
-    finish: Finish
-
-
-async def fold(run: ChatRun) -> Folded:
-    content: list[str] = []
-    reasoning: list[str] = []
-    calls: dict[int, Call] = {}
-    invalid: set[int] = set()
-    finish: Finish | None = None
-    try:
-        async for event in run.events():
-            if isinstance(event, Finish):
-                finish = event
-                continue
-            content.append(event.content)
-            reasoning.append(event.reasoning)
-            invalid.update(event.invalidated)
-            for delta in event.tool_calls:
-                call = calls.setdefault(delta.index, Call(delta.id or "", delta.name or ""))
-                call.id = delta.id or call.id
-                call.name = delta.name or call.name
-                call.arguments += delta.arguments
-    finally:
-        await run.aclose()
-    assert finish is not None
-    valid = [calls[i] for i in sorted(calls) if i not in invalid]
-    return Folded("".join(content), "".join(reasoning), valid, finish)
 
 
 Kind = Literal["reasoning", "text", "tool"]

@@ -23,13 +23,13 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
-from sse_starlette import EventSourceResponse
-from starlette.background import BackgroundTask
 
-from server.apis.common import app_state, chat_request, parse_body
+from server.api import sse_response
+from server.apis.common import app_state, chat_request, guarded, parse_body
 from server.chat import ChatRun, Finish
 from server.engine import GenerationChunk
-from server.errors import BadRequest, EngineFailure, MlxdError
+from server.errors import BadRequest, MlxdError
+from server.fold import fold
 from server.protocol import ChatRequest, StreamOptions, dumps, usage_dict
 from server.render import SYSTEM_FINGERPRINT
 
@@ -214,38 +214,32 @@ class Envelope:
 
 
 async def completion(run: ChatRun, echo: str) -> dict[str, Any]:
-    text = [echo]
-    finish: Finish | None = None
-    try:
-        async for event in run.events():
-            if isinstance(event, Finish):
-                finish = event
-            else:
-                text.append(event.content)
-    finally:
-        await run.aclose()
-    assert finish is not None
-    return Envelope(run).body([_choice("".join(text), finish.reason)], finish)
+    folded = await fold(run)
+    choice = _choice(echo + folded.content, folded.finish.reason)
+    return Envelope(run).body([choice], folded.finish)
+
+
+async def _chunks(run: ChatRun, echo: str, include_usage: bool) -> AsyncIterator[str]:
+    env = Envelope(run)
+    if echo:
+        yield dumps(env.body([_choice(echo, None)]))
+    async for event in run.events():
+        if isinstance(event, Finish):
+            yield dumps(env.body([_choice("", event.reason)]))
+            if include_usage:
+                yield dumps(env.body([], event))
+        elif event.content:
+            yield dumps(env.body([_choice(event.content, None)]))
 
 
 async def stream(run: ChatRun, echo: str, include_usage: bool) -> AsyncIterator[str]:
-    env = Envelope(run)
-    try:
-        if echo:
-            yield dumps(env.body([_choice(echo, None)]))
-        async for event in run.events():
-            if isinstance(event, Finish):
-                yield dumps(env.body([_choice("", event.reason)]))
-                if include_usage:
-                    yield dumps(env.body([], event))
-            elif event.content:
-                yield dumps(env.body([_choice(event.content, None)]))
-    except MlxdError as exc:
-        yield dumps(exc.to_dict())
-    except Exception as exc:
-        yield dumps(EngineFailure(f"{type(exc).__name__}: {exc}").to_dict())
-    finally:
-        await run.aclose()
+    """The ``data:`` payloads of a streamed completion, ending with ``[DONE]``."""
+
+    def error(exc: MlxdError) -> str:
+        return dumps(exc.to_dict())
+
+    async for frame in guarded(run, _chunks(run, echo, include_usage), error):
+        yield frame
     yield "[DONE]"
 
 
@@ -262,11 +256,6 @@ async def create_completion(request: Request) -> Response:
     echo = "" if not req.echo else prompt if isinstance(prompt, str) else tokenizer.decode(prompt)
     headers = {"x-mlxd-model": run.model}
     if req.stream:
-        return EventSourceResponse(
-            stream(run, echo, chat.include_usage),
-            headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-            ping=state.settings.sse_ping_seconds,
-            sep="\n",
-            background=BackgroundTask(run.aclose),
-        )
+        events = stream(run, echo, chat.include_usage)
+        return sse_response(events, run, state.settings.sse_ping_seconds, headers)
     return JSONResponse(await completion(run, echo), headers=headers)

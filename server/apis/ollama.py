@@ -26,19 +26,19 @@ from starlette.background import BackgroundTask
 
 from server.apis.common import (
     Blocks,
-    Call,
     app_state,
     arguments_object,
     chat_request,
     error_route,
-    fold,
+    guarded,
     json_arguments,
     parse_body,
 )
 from server.apis.completions import build_prompt, fim_style
 from server.chat import ChatRun, Finish, context_limit
 from server.config import ModelEntry, parse_duration
-from server.errors import BadRequest, EngineFailure, MlxdError
+from server.errors import BadRequest, MlxdError
+from server.fold import Call, fold
 from server.manager import KeepAlive
 from server.protocol import ChatRequest, dumps
 from server.registry import read_config
@@ -247,29 +247,27 @@ class Reply:
         return out
 
 
-async def ndjson(reply: Reply) -> AsyncIterator[str]:
+async def _lines(reply: Reply) -> AsyncIterator[str]:
     blocks = Blocks()
-    try:
-        async for event in reply.run.events():
-            if isinstance(event, Finish):
-                for close in blocks.close():
-                    if close.kind == "tool" and close.call is not None:
-                        yield dumps(reply.chunk(calls=[close.call])) + "\n"
-                yield dumps(reply.done(event)) + "\n"
-                continue
-            for block in blocks.feed(event):
-                if block.action == "delta" and block.kind == "text":
-                    yield dumps(reply.chunk(content=block.text)) + "\n"
-                elif block.action == "delta" and block.kind == "reasoning":
-                    yield dumps(reply.chunk(thinking=block.text)) + "\n"
-                elif block.action == "close" and block.kind == "tool" and block.call is not None:
-                    yield dumps(reply.chunk(calls=[block.call])) + "\n"
-    except MlxdError as exc:
-        yield dumps(error_body(exc)) + "\n"
-    except Exception as exc:
-        yield dumps(error_body(EngineFailure(f"{type(exc).__name__}: {exc}"))) + "\n"
-    finally:
-        await reply.run.aclose()
+    async for event in reply.run.events():
+        if isinstance(event, Finish):
+            for close in blocks.close():
+                if close.kind == "tool" and close.call is not None:
+                    yield dumps(reply.chunk(calls=[close.call])) + "\n"
+            yield dumps(reply.done(event)) + "\n"
+            continue
+        for block in blocks.feed(event):
+            if block.action == "delta" and block.kind == "text":
+                yield dumps(reply.chunk(content=block.text)) + "\n"
+            elif block.action == "delta" and block.kind == "reasoning":
+                yield dumps(reply.chunk(thinking=block.text)) + "\n"
+            elif block.action == "close" and block.kind == "tool" and block.call is not None:
+                yield dumps(reply.chunk(calls=[block.call])) + "\n"
+
+
+def ndjson(reply: Reply) -> AsyncIterator[str]:
+    """One JSON object per line; an error after the start is an ``{"error": ...}`` line."""
+    return guarded(reply.run, _lines(reply), lambda exc: dumps(error_body(exc)) + "\n")
 
 
 async def answer(reply: Reply, stream: bool) -> Response:

@@ -28,21 +28,19 @@ from typing import Any, Literal
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
-from sse_starlette import EventSourceResponse
-from starlette.background import BackgroundTask
 
+from server.api import sse_response
 from server.apis.common import (
     BlockEvent,
     Blocks,
-    Call,
-    Folded,
     app_state,
     chat_request,
-    fold,
+    guarded,
     parse_body,
 )
 from server.chat import ChatRun, Finish
-from server.errors import BadRequest, EngineFailure, MlxdError, NotFound
+from server.errors import BadRequest, MlxdError, NotFound
+from server.fold import Call, Folded, fold
 from server.protocol import ChatRequest, dumps
 
 router = APIRouter()
@@ -456,39 +454,40 @@ class Events:
         return [*out, self.event("response.output_item.done", output_index=i, item=item)]
 
 
-async def stream(
-    shape: Shape, remember: Callable[[dict[str, Any]], None]
+async def _events(
+    events: Events, remember: Callable[[dict[str, Any]], None]
 ) -> AsyncIterator[dict[str, str]]:
-    events = Events(shape)
+    shape = events.shape
     blocks = Blocks()
-    run = shape.run
-    try:
-        yield events.event("response.created", response=shape.envelope("in_progress", []))
-        yield events.event("response.in_progress", response=shape.envelope("in_progress", []))
-        async for ev in run.events():
-            if isinstance(ev, Finish):
-                for block in blocks.close():
-                    for frame in events.block(block):
-                        yield frame
-                body = shape.finished(ev, events.items)
-                remember(body)
-                kind = (
-                    "response.incomplete"
-                    if body["status"] == "incomplete"
-                    else ("response.completed")
-                )
-                yield events.event(kind, response=body)
-                continue
-            for block in blocks.feed(ev):
+    yield events.event("response.created", response=shape.envelope("in_progress", []))
+    yield events.event("response.in_progress", response=shape.envelope("in_progress", []))
+    async for ev in shape.run.events():
+        if isinstance(ev, Finish):
+            for block in blocks.close():
                 for frame in events.block(block):
                     yield frame
-    except MlxdError as exc:
-        yield events.event("error", code=exc.code, message=exc.message, param=exc.param)
-    except Exception as exc:
-        err = EngineFailure(f"{type(exc).__name__}: {exc}")
-        yield events.event("error", code=err.code, message=err.message, param=None)
-    finally:
-        await run.aclose()
+            body = shape.finished(ev, events.items)
+            remember(body)
+            kind = (
+                "response.incomplete" if body["status"] == "incomplete" else ("response.completed")
+            )
+            yield events.event(kind, response=body)
+            continue
+        for block in blocks.feed(ev):
+            for frame in events.block(block):
+                yield frame
+
+
+def stream(
+    shape: Shape, remember: Callable[[dict[str, Any]], None]
+) -> AsyncIterator[dict[str, str]]:
+    """The typed events of one reply; an error after the start is an ``error`` event."""
+    events = Events(shape)
+
+    def error(exc: MlxdError) -> dict[str, str]:
+        return events.event("error", code=exc.code, message=exc.message, param=exc.param)
+
+    return guarded(shape.run, _events(events, remember), error)
 
 
 def _store(request: Request) -> ResponseStore:
@@ -517,13 +516,8 @@ async def create_response(request: Request) -> Response:
     shape = Shape(req, run)
     headers = {"x-mlxd-model": run.model}
     if req.stream:
-        return EventSourceResponse(
-            stream(shape, remember),
-            headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-            ping=state.settings.sse_ping_seconds,
-            sep="\n",
-            background=BackgroundTask(run.aclose),
-        )
+        events = stream(shape, remember)
+        return sse_response(events, run, state.settings.sse_ping_seconds, headers)
     folded = await fold(run)
     body = shape.finished(folded.finish, output_items(folded))
     remember(body)
