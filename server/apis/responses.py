@@ -83,6 +83,7 @@ class ResponsesRequest(BaseModel):
     store: bool = True
     stream: bool = False
     background: bool = False
+    include: list[str] | None = None
     metadata: dict[str, Any] | None = None
 
 
@@ -177,7 +178,9 @@ def input_messages(items: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
             out.append({"role": "tool", "tool_call_id": item.get("call_id"), "content": text})
         elif kind == "reasoning":
             parts = item.get("content") or item.get("summary") or []
-            reasoning += _text(parts, f"{where}.content")
+            text = _text(parts, f"{where}.content")
+            opaque = item.get("encrypted_content")
+            reasoning += text or (opaque if isinstance(opaque, str) else "")
         else:
             raise BadRequest(f"input item type {kind!r} is not supported", param=f"{where}.type")
     return out
@@ -271,6 +274,7 @@ class Shape:
         self.created = int(time.time())
         self.req = req
         self.run = run
+        self.opaque = "reasoning.encrypted_content" in (req.include or [])
 
     def envelope(self, status: str, output: list[dict[str, Any]]) -> dict[str, Any]:
         req = self.req
@@ -319,9 +323,17 @@ class Shape:
         return body
 
 
-def reasoning_item(item_id: str, text: str, status: str = "completed") -> dict[str, Any]:
+def reasoning_item(
+    item_id: str, text: str, status: str = "completed", opaque: bool = False
+) -> dict[str, Any]:
+    """``opaque``: also in ``encrypted_content`` (asked for by ``include``), which clients that
+    do not store responses (Codex CLI with ``store: false``) send back to continue a turn; here it
+    is the reasoning text itself, as there is nothing to hide from the machine that wrote it."""
     content = [{"type": "reasoning_text", "text": text}] if text else []
-    return {"id": item_id, "type": "reasoning", "summary": [], "content": content, "status": status}
+    item = {"id": item_id, "type": "reasoning", "summary": [], "content": content, "status": status}
+    if opaque and status == "completed":
+        item["encrypted_content"] = text
+    return item
 
 
 def text_part(text: str) -> dict[str, Any]:
@@ -350,10 +362,10 @@ def call_item(item_id: str, call: Call, status: str = "completed") -> dict[str, 
     }
 
 
-def output_items(folded: Folded) -> list[dict[str, Any]]:
+def output_items(folded: Folded, opaque: bool = False) -> list[dict[str, Any]]:
     out = []
     if folded.reasoning:
-        out.append(reasoning_item(new_id("rs"), folded.reasoning))
+        out.append(reasoning_item(new_id("rs"), folded.reasoning, opaque=opaque))
     if folded.content or not folded.calls:
         out.append(message_item(new_id("msg"), folded.content))
     out += [call_item(new_id("fc"), call) for call in folded.calls]
@@ -436,7 +448,7 @@ class Events:
                 )
             ]
         elif ev.kind == "reasoning":
-            item = reasoning_item(self._item_id, ev.text)
+            item = reasoning_item(self._item_id, ev.text, opaque=self.shape.opaque)
             out = [
                 self.event("response.reasoning_text.done", **where, content_index=0, text=ev.text)
             ]
@@ -519,7 +531,7 @@ async def create_response(request: Request) -> Response:
         events = stream(shape, remember)
         return sse_response(events, run, state.settings.sse_ping_seconds, headers)
     folded = await fold(run)
-    body = shape.finished(folded.finish, output_items(folded))
+    body = shape.finished(folded.finish, output_items(folded, shape.opaque))
     remember(body)
     return JSONResponse(body, headers=headers)
 

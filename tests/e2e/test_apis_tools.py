@@ -198,7 +198,8 @@ def test_responses_function_call_round_trip(setup: Setup, stream: bool) -> None:
 def test_responses_reasoning_items(setup: Setup, stream: bool) -> None:
     setup.script(["The user wants Paris.\n</think>\n\nParis."])
     kw: Any = {"model": "qwen36-tiny", "input": "Capital of France?", "temperature": 0,
-               "max_output_tokens": 100, "reasoning": {"effort": "high"}}  # fmt: skip
+               "max_output_tokens": 100, "reasoning": {"effort": "high"},
+               "include": ["reasoning.encrypted_content"], "store": False}  # fmt: skip
     if stream:
         with setup.oai.responses.stream(**kw) as s:
             kinds = [e.type for e in s]
@@ -210,7 +211,9 @@ def test_responses_reasoning_items(setup: Setup, stream: bool) -> None:
     else:
         r = setup.oai.responses.create(**kw)
     assert [item.type for item in r.output] == ["reasoning", "message"]
-    assert r.output[0].content[0].text == "The user wants Paris."  # type: ignore[union-attr, index]
+    assert r.output[0].content[0].text == "The user wants Paris."
+    # Without a stored response, the client continues from the opaque copy it was given.
+    assert r.output[0].encrypted_content == "The user wants Paris."  # type: ignore[union-attr, index]
     assert r.output_text == "Paris."
     assert r.usage is not None and r.usage.output_tokens_details.reasoning_tokens > 0
 

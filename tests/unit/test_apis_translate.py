@@ -307,6 +307,20 @@ def test_responses_input_items() -> None:
     ]
 
 
+def test_responses_reasoning_comes_back_from_encrypted_content() -> None:
+    items = [
+        {"role": "user", "content": "q"},
+        {"type": "reasoning", "summary": [], "encrypted_content": "thought"},
+        {"role": "assistant", "content": "a"},
+    ]
+    assert responses.input_messages(items)[1] == {
+        "role": "assistant", "content": "a", "reasoning_content": "thought"
+    }  # fmt: skip
+    item = responses.reasoning_item("rs_1", "thought", opaque=True)
+    assert item["encrypted_content"] == "thought"
+    assert "encrypted_content" not in responses.reasoning_item("rs_1", "thought")
+
+
 def test_responses_request_fields() -> None:
     fields = responses.chat_fields(
         resp(
