@@ -226,10 +226,15 @@ class ChatService:
         return len(self.running)
 
     async def start(
-        self, request: ChatRequest, entry: ModelEntry, raw_prompt: list[int] | None = None
+        self,
+        request: ChatRequest,
+        entry: ModelEntry,
+        raw_prompt: list[int] | None = None,
+        *,
+        cap_max_tokens: bool = False,
     ) -> ChatRun:
         """Validate, render and admit ``request``; errors raise before anything is streamed."""
-        prepared = await self.prepare(request, entry, raw_prompt)
+        prepared = await self.prepare(request, entry, raw_prompt, cap_max_tokens=cap_max_tokens)
         if self.gate is not None and prepared.need is not None:
             self.gate.precheck(prepared.need)  # never fits: refuse now, not after queueing
         stack = contextlib.AsyncExitStack()
@@ -246,11 +251,18 @@ class ChatService:
         return run
 
     async def prepare(
-        self, request: ChatRequest, entry: ModelEntry, raw_prompt: list[int] | None = None
+        self,
+        request: ChatRequest,
+        entry: ModelEntry,
+        raw_prompt: list[int] | None = None,
+        *,
+        cap_max_tokens: bool = False,
     ) -> Prepared:
         """``raw_prompt`` (token ids) replaces the chat template: the text-completion APIs send
         the model exactly those tokens and get its raw text back (no reasoning or tool parsing);
-        ``request.messages`` is then unused."""
+        ``request.messages`` is then unused. ``cap_max_tokens``: the request's max_tokens is a
+        cap, lowered to what the context has room for (APIs whose clients send one fixed large
+        value, like Claude Code's 32000), instead of an error."""
         tokenizer = await self.registry.tokenizer(entry)
         config = await self.registry.config(entry)
         tools = [t.model_dump(exclude_none=True) for t in request.tools or []] or None
@@ -264,7 +276,7 @@ class ChatService:
         else:
             prompt_text, prompt = "", list(raw_prompt)
         context = context_limit(entry, config)
-        max_tokens = resolve_max_tokens(request, entry, len(prompt), context)
+        max_tokens = resolve_max_tokens(request, entry, len(prompt), context, cap_max_tokens)
         processors = tool_choice_processors(tokenizer, prompt_text, choice, tools)
         starts_in_reasoning = tokenizer.has_thinking and prompt_opens_reasoning(prompt_text)
         keep_alive = None
@@ -385,7 +397,9 @@ def context_limit(entry: ModelEntry, config: dict[str, Any]) -> int:
     return 4096
 
 
-def resolve_max_tokens(request: ChatRequest, entry: ModelEntry, prompt: int, context: int) -> int:
+def resolve_max_tokens(
+    request: ChatRequest, entry: ModelEntry, prompt: int, context: int, cap: bool = False
+) -> int:
     room = context - prompt
     if room <= 0:
         raise ContextLengthExceeded(
@@ -395,6 +409,8 @@ def resolve_max_tokens(request: ChatRequest, entry: ModelEntry, prompt: int, con
         )
     asked = request.requested_max_tokens
     if asked is not None:
+        if asked > room and cap:
+            return room
         if asked > room:
             field_name = "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
             raise ContextLengthExceeded(

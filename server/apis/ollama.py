@@ -316,7 +316,7 @@ async def chat(request: Request) -> Response:
     if not body.messages:
         return await load_or_unload(state, body, chat=True)
     req = to_chat_request(body, messages_of(body))
-    run = await state.chat.start(req, state.router.pick(req))
+    run = await state.chat.start(req, state.router.pick(req), cap_max_tokens=True)
     return await answer(Reply(body.model, run, True, t0), body.stream)
 
 
@@ -344,12 +344,12 @@ async def generate(request: Request) -> Response:
         ids, stops = build_prompt(tokenizer, entry.id, body.prompt, body.suffix)
         if stops:
             req = req.model_copy(update={"stop": req.stop_list + stops})
-        run = await state.chat.start(req, entry, raw_prompt=ids)
+        run = await state.chat.start(req, entry, raw_prompt=ids, cap_max_tokens=True)
     else:
         messages = [{"role": "system", "content": body.system}] if body.system else []
         messages.append({"role": "user", "content": body.prompt})
         req = to_chat_request(body, messages)
-        run = await state.chat.start(req, state.router.pick(req))
+        run = await state.chat.start(req, state.router.pick(req), cap_max_tokens=True)
     return await answer(Reply(body.model, run, False, t0), body.stream)
 
 

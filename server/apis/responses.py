@@ -63,7 +63,7 @@ class TextConfig(BaseModel):
 
 class Reasoning(BaseModel):
     model_config = ConfigDict(extra="allow")
-    effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
+    effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = None
 
 
 class ResponsesRequest(BaseModel):
@@ -234,7 +234,8 @@ def chat_fields(req: ResponsesRequest, history: list[dict[str, Any]]) -> dict[st
     elif choice is not None:
         data["tool_choice"] = choice
     if req.reasoning is not None and req.reasoning.effort is not None:
-        data["reasoning_effort"] = req.reasoning.effort
+        effort = req.reasoning.effort
+        data["reasoning_effort"] = "high" if effort == "xhigh" else effort
     fmt = req.text.format if req.text is not None else None
     if fmt is not None and fmt.get("type") != "text":
         # Structured output belongs to the chat path: its response_format, in chat's shape.

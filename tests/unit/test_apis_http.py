@@ -224,3 +224,53 @@ async def test_ollama_load_unload_ps_and_errors(make_client: Client) -> None:
     tags = (await client.get("/api/tags")).json()["models"]
     assert [t["name"] for t in tags] == ["alpha:latest", "beta:latest"]
     assert (await client.get("/api/version")).json()["version"]
+
+
+# ---- what real agents send --------------------------------------------------------------------
+
+
+async def test_a_codex_cli_style_request(make_client: Client) -> None:
+    body = {
+        "model": "a", "instructions": "You are a coding agent.", "stream": True, "store": False,
+        "input": [
+            {"type": "message", "role": "developer",
+             "content": [{"type": "input_text", "text": "<permissions>…</permissions>"}]},
+            {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "ls"}]},
+        ],
+        "tools": [{"type": "function", "name": "shell", "description": "Run a command",
+                   "strict": False, "parameters": {"type": "object", "properties": {
+                       "command": {"type": "array", "items": {"type": "string"}}}}}],
+        "tool_choice": "auto", "parallel_tool_calls": False,
+        "reasoning": {"effort": "xhigh", "summary": "auto"}, "text": {"verbosity": "low"},
+        "include": ["reasoning.encrypted_content"], "prompt_cache_key": "abc",
+    }  # fmt: skip
+    r = await make_client(FakeEngine()).post("/v1/responses", json=body)
+    assert r.status_code == 200, r.text
+    assert sse(r.text)[-1][0] == "response.completed"
+
+
+async def test_a_claude_code_style_request(make_client: Client) -> None:
+    cache = {"type": "ephemeral"}
+    body = {
+        "model": "a", "max_tokens": 32000, "stream": True,
+        "system": [{"type": "text", "text": "You are Claude Code.", "cache_control": cache}],
+        "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "<system-reminder>…</system-reminder>"},
+            {"type": "text", "text": "hi", "cache_control": cache}]}],
+        "tools": [{"name": "Bash", "description": "Run", "input_schema": {
+            "type": "object", "properties": {"command": {"type": "string"}},
+            "required": ["command"], "additionalProperties": False,
+            "$schema": "http://json-schema.org/draft-07/schema#"}}],
+        "metadata": {"user_id": "u"}, "thinking": {"type": "adaptive"},
+        "output_config": {"effort": "high"}, "temperature": 1,
+    }  # fmt: skip
+    engine = FakeEngine()
+    r = await make_client(engine).post(
+        "/v1/messages?beta=true", json=body,
+        headers={"anthropic-beta": "interleaved-thinking-2025-05-14", "x-api-key": "k"},
+    )  # fmt: skip
+    assert r.status_code == 200, r.text
+    assert [n for n, _ in sse(r.text)][-2:] == ["message_delta", "message_stop"]
+    # Its fixed max_tokens is a cap: lowered to the room the 512-token context leaves.
+    request = engine.requests[0]
+    assert request.max_tokens == 512 - len(request.prompt)
