@@ -89,6 +89,11 @@ Prompt = str | list[int]
 def encode(tokenizer: Any, prompt: Prompt, *, special: bool) -> list[int]:
     if isinstance(prompt, str):
         return list(tokenizer.encode(prompt, add_special_tokens=special))
+    size = len(tokenizer)
+    for i, tid in enumerate(prompt):
+        if not 0 <= tid < size:
+            raise BadRequest(f"token id {tid} is outside the vocabulary (0..{size - 1})",
+                             param=f"prompt[{i}]")  # fmt: skip
     return list(prompt)
 
 

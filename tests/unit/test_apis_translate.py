@@ -421,6 +421,9 @@ class VocabTokenizer:
     def convert_tokens_to_ids(self, token: str) -> int:
         return self.specials.get(token, self.unk_token_id)
 
+    def __len__(self) -> int:
+        return 1000
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return ([self.bos_token_id] if add_special_tokens else []) + [ord(c) for c in text]
 
@@ -453,6 +456,9 @@ def test_fim_without_tokens_is_a_400_and_plain_prompts_keep_bos() -> None:
     assert completions.build_prompt(tok, "m", [5, 6], None) == ([5, 6], [])
     with pytest.raises(BadRequest):
         completions.build_prompt(tok, "m", [], None)
+    with pytest.raises(BadRequest) as e:
+        completions.build_prompt(tok, "m", [5, 1000], None)
+    assert e.value.param == "prompt[1]"
 
 
 def test_completion_fields() -> None:
