@@ -27,7 +27,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from server.api import sse_response
 from server.apis.common import app_state, chat_request, guarded, parse_body
 from server.chat import ChatRun, Finish
-from server.engine import GenerationChunk
 from server.errors import BadRequest, MlxdError
 from server.fold import fold
 from server.protocol import ChatRequest, StreamOptions, dumps, usage_dict
@@ -182,8 +181,9 @@ def chat_fields(req: CompletionRequest, extra_stops: list[str]) -> dict[str, Any
     """
     if req.best_of is not None and req.best_of != 1:
         raise BadRequest("best_of > 1 is not supported", param="best_of")
-    if req.logprobs is not None and "logprob" not in GenerationChunk.__dataclass_fields__:
-        raise BadRequest("logprobs are not supported by this engine yet", param="logprobs")
+    if req.logprobs is not None:
+        # Needs per-token logprobs from the engine through the chat events (not there yet).
+        raise BadRequest("logprobs are not supported yet", param="logprobs")
     data = {name: getattr(req, name) for name in SAMPLING_FIELDS}
     data["messages"] = [{"role": "user", "content": ""}]
     if extra_stops:
