@@ -399,5 +399,5 @@ async def create_message(request: Request) -> Response:
 async def count_tokens(request: Request) -> dict[str, int]:
     state = app_state(request)
     chat = to_chat_request(await parse_body(request, MessagesRequest))
-    prepared = await state.chat.prepare(chat, state.router.pick(chat))
+    prepared = await state.chat.prepare(chat, state.router.pick(chat), cap_max_tokens=True)
     return {"input_tokens": len(prepared.prompt)}

@@ -481,10 +481,7 @@ async def _events(
                     yield frame
             body = shape.finished(ev, events.items)
             remember(body)
-            kind = (
-                "response.incomplete" if body["status"] == "incomplete" else ("response.completed")
-            )
-            yield events.event(kind, response=body)
+            yield events.event(f"response.{body['status']}", response=body)
             continue
         for block in blocks.feed(ev):
             for frame in events.block(block):
