@@ -22,10 +22,12 @@ from server.engine import Engine, MLXEngine
 from server.gate import MemoryGate, PressureMonitor
 from server.manager import ModelManager
 from server.memory import PressureReading
+from server.metrics import Metrics, MetricsMiddleware
 from server.registry import Registry
 from server.router import Router
 from server.sources import ModelSources
 from server.state import AppState
+from server.status import router as status_router
 
 log = logging.getLogger("mlxd.app")
 
@@ -130,6 +132,11 @@ def create_app(
 
     app = FastAPI(title="mlxd", version=__version__, lifespan=lifespan)
     app.state.mlxd = state
+    metrics = Metrics(state)
+    state.chat.observers.append(metrics.observe_request)
+    app.state.metrics = metrics
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.include_router(router)
+    app.include_router(status_router)
     install_error_handlers(app)
     return app

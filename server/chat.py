@@ -11,11 +11,12 @@ imports FastAPI.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +25,7 @@ from server.engine import Engine, GenerationRequest, SamplingParams
 from server.errors import BadRequest, ContextLengthExceeded
 from server.gate import MemoryGate, RequestNeed
 from server.manager import KeepAlive, ModelManager
+from server.observe import RequestRecord
 from server.parsers.forcing import BanTokens, PrefixForcer, ToolCallFormat, forced_prefix
 from server.parsers.hermes import HermesToolParser, ToolCallDelta
 from server.parsers.reasoning import ThinkSplitter, prompt_opens_reasoning
@@ -91,8 +93,10 @@ class ChatRun:
         prepared: Prepared,
         engine: Engine,
         exit_stack: contextlib.AsyncExitStack,
+        observers: Sequence[Callable[[RequestRecord], None]] = (),
     ) -> None:
         self.id = completion_id()
+        self._observers = observers
         self.created = now()
         self.prepared = prepared
         self.model = prepared.entry.id
@@ -111,19 +115,26 @@ class ChatRun:
         )
         self.first_token_at: float | None = None
         self.started_at = time.perf_counter()
+        self._logged = False
 
     def _log(self, finish: Finish) -> None:
-        """One line per request: what ran and how fast (the server's access log)."""
-        end = time.perf_counter()
+        """One record per request, read by the log line, /metrics and the status page."""
+        self._logged = True
         u = finish.usage
-        ttft = (self.first_token_at or end) - self.started_at
-        decode = end - (self.first_token_at or end)
-        rate = (u.completion_tokens - 1) / decode if u.completion_tokens > 1 and decode else 0.0
+        record = RequestRecord.measure(
+            id=self.id, model=self.model, prompt_tokens=u.prompt_tokens,
+            cached_tokens=u.cached_tokens, completion_tokens=u.completion_tokens,
+            started=self.started_at, first_token=self.first_token_at, end=time.perf_counter(),
+            finish=finish.reason,
+        )  # fmt: skip
+        for observe in self._observers:
+            observe(record)
         log.info(
             "chat id=%s model=%s prompt=%d cached=%d completion=%d ttft_ms=%.0f "
             "decode_tok_s=%.1f finish=%s",
             self.id, self.model, u.prompt_tokens, u.cached_tokens, u.completion_tokens,
-            ttft * 1000, rate, finish.reason,
+            record.ttft_s * 1000, record.decode_tok_s, finish.reason,
+            extra={"mlxd_request": record.to_log()},
         )  # fmt: skip
 
     def cancel(self, reason: str = "cancelled") -> None:
@@ -159,9 +170,9 @@ class ChatRun:
                 invalid += tail.invalidated
             return Delta(content, reasoning, calls, invalid)
 
+        finish_reason = "stop"
+        usage = Usage(len(p.prompt), 0, 0)
         try:
-            finish_reason = "stop"
-            usage = Usage(len(p.prompt), 0, 0)
             async for chunk in self._engine.generate(self.request):
                 if self.first_token_at is None:
                     self.first_token_at = time.perf_counter()
@@ -197,6 +208,14 @@ class ChatRun:
             finish = Finish(finish_reason, usage)
             self._log(finish)
             yield finish
+        except (GeneratorExit, asyncio.CancelledError):
+            if not self._logged:
+                self._log(Finish("cancelled", usage))  # the client went away mid-answer
+            raise
+        except Exception:
+            if not self._logged:
+                self._log(Finish("error", usage))
+            raise
         finally:
             await self.aclose()
 
@@ -214,6 +233,8 @@ class ChatService:
         self.engine = engine
         self.gate = gate
         self.running: set[ChatRun] = set()
+        # Called once per finished request (metrics, the status page's recent requests).
+        self.observers: list[Callable[[RequestRecord], None]] = []
 
     def end_running(self, reason: str) -> int:
         """Finish every running generation early (memory pressure); returns how many."""
@@ -234,7 +255,7 @@ class ChatService:
         except BaseException:
             await stack.aclose()
             raise
-        run = ChatRun(prepared, self.engine, stack)
+        run = ChatRun(prepared, self.engine, stack, self.observers)
         self.running.add(run)
         stack.callback(self.running.discard, run)
         return run

@@ -39,14 +39,16 @@ class AppState:
             "status": state.value,
             "aliases": entry.aliases,
             "tags": entry.tags,
-            "present": self.registry.is_present(entry),
         }
+        available = self.router.availability(entry)
+        item["present"] = available.status in ("present", "too_big")
+        item["availability"] = available.status  # present | too_big | download | import | missing
+        item["availability_detail"] = available.detail
         if entry.id in self.manager.errors:
             item["error"] = self.manager.errors[entry.id]
-        weights = self.router.weights_estimate(entry)
-        if weights is not None:
-            item["weights_bytes"] = weights
-            item["estimated_memory_bytes"] = self.router.reserve_estimate(entry, weights)
+        if available.weights is not None and available.memory is not None:
+            item["weights_bytes"] = available.weights
+            item["estimated_memory_bytes"] = available.memory
         return item
 
     async def health(self) -> dict[str, Any]:
