@@ -28,9 +28,11 @@ class _LogFormatter(logging.Formatter):
         return text
 
 
-def setup_logging(level: str) -> None:
+def setup_logging(level: str, fmt: str = "text") -> None:
+    from server.logfmt import JsonFormatter
+
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_LogFormatter())
+    handler.setFormatter(JsonFormatter() if fmt == "json" else _LogFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -80,11 +82,12 @@ def banner(settings: Settings, model_id: str, model_dir: Path) -> str:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
+    from uvicorn.config import LOGGING_CONFIG
 
     from server.app import create_app
 
     settings = _settings(args)
-    setup_logging(settings.log_level)
+    setup_logging(settings.log_level, args.log_format)
     app = create_app(settings)
     state = app.state.mlxd
     default = state.registry.default
@@ -99,38 +102,61 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log_level="warning" if settings.log_level == "info" else settings.log_level,
         access_log=False,
         timeout_graceful_shutdown=5,
+        # JSON: leave uvicorn's loggers to the root handler so every line is one object.
+        log_config=None if args.log_format == "json" else LOGGING_CONFIG,
     )
     return 0
 
 
+AVAILABILITY_WORDS = {
+    "present": "present",
+    "too_big": "exceeds budget",
+    "download": "would download",
+    "import": "would import",
+    "missing": "missing",
+}
+
+
 def cmd_models(args: argparse.Namespace) -> int:
+    from server.gate import MemoryGate
+    from server.memory import compute_budget, format_size, parse_size, take_snapshot
     from server.registry import Registry
+    from server.router import Router
     from server.sources import ModelSources
 
     settings = _settings(args)
     models = load_models(settings.config_path)
     registry = Registry(models, ModelSources(settings.home, settings.config_path.parent))
+    snapshot = take_snapshot()
+    override = parse_size(settings.memory_budget) if settings.memory_budget else None
+    budget = compute_budget(snapshot, settings.memory_reserve, override)
+    router = Router(registry, MemoryGate(budget, snapshot=lambda: snapshot))
     default = registry.default.id
-    rows = []
-    for entry in registry.entries:
-        present = "yes" if registry.is_present(entry) else "no"
-        source = entry.source.model_dump()
-        rows.append(
-            (entry.id + (" *" if entry.id == default else ""), present, ",".join(entry.tags),
-             ", ".join(f"{k}={v}" for k, v in source.items()))
-        )  # fmt: skip
+    found = [(entry, router.availability(entry)) for entry in registry.entries]
     if args.json:
-        print(
-            json.dumps(
-                [dict(zip(("id", "present", "tags", "source"), r, strict=True)) for r in rows]
-            )
-        )
+        print(json.dumps([
+            {"id": e.id, "default": e.id == default, "present": a.status in ("present", "too_big"),
+             "availability": a.status, "detail": a.detail, "estimated_memory_bytes": a.memory,
+             "tags": e.tags, "source": e.source.model_dump()}
+            for e, a in found
+        ]))  # fmt: skip
         return 0
-    header = ("ID", "LOCAL", "TAGS", "SOURCE")
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(4)]
-    for row in [header, *rows]:
-        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
-    print("(* default)")
+    rows = [("ID", "STATUS", "NEEDS", "TAGS", "SOURCE")] + [
+        (e.id + (" *" if e.id == default else ""), AVAILABILITY_WORDS[a.status],
+         format_size(a.memory) if a.memory is not None else "?", ",".join(e.tags),
+         ", ".join(f"{k}={v}" for k, v in e.source.model_dump(exclude_none=True).items()))
+        for e, a in found
+    ]  # fmt: skip
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    print(f"* default · memory budget {format_size(budget.limit)} ({budget.basis}) · "
+          "NEEDS = weights + a 4K-token prompt and 1K-token answer")  # fmt: skip
+    for entry, available in found:
+        if available.status != "present":
+            print(f"  {entry.id}: {available.detail}")
+    if any(a.status == "download" for _, a in found):
+        print("models that would download are fetched on first use, or now with `mlxd pull ID`")
     return 0
 
 
@@ -257,10 +283,13 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--keep-alive", help="unload an idle model after this long, e.g. 10m")
     s.add_argument("--prefix-cache", help="bytes of KV cache kept for reuse, e.g. 2GB; 0 = off")
     s.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    s.add_argument("--log-format", choices=["text", "json"], default="text",
+                   help="json: one JSON object per line (one per request)")  # fmt: skip
     s.set_defaults(func=cmd_serve)
 
-    m = sub.add_parser("models", help="list configured models and whether they are local")
+    m = sub.add_parser("models", help="configured models: present, would download, too big")
     common(m)
+    m.add_argument("--memory-budget", help="the budget to check against (as for serve)")
     m.add_argument("--json", action="store_true")
     m.set_defaults(func=cmd_models)
 

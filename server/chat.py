@@ -24,6 +24,7 @@ from server.config import ModelEntry, parse_duration
 from server.engine import Engine, GenerationRequest, SamplingParams
 from server.errors import BadRequest, ContextLengthExceeded
 from server.gate import MemoryGate, RequestNeed
+from server.logfmt import REQUEST_FIELD
 from server.manager import KeepAlive, ModelManager
 from server.observe import RequestRecord
 from server.parsers.forcing import BanTokens, PrefixForcer, ToolCallFormat, forced_prefix
@@ -134,7 +135,7 @@ class ChatRun:
             "decode_tok_s=%.1f finish=%s",
             self.id, self.model, u.prompt_tokens, u.cached_tokens, u.completion_tokens,
             record.ttft_s * 1000, record.decode_tok_s, finish.reason,
-            extra={"mlxd_request": record.to_log()},
+            extra={REQUEST_FIELD: record.to_log()},
         )  # fmt: skip
 
     def cancel(self, reason: str = "cancelled") -> None:

