@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -47,8 +48,7 @@ def test_models_says_present_would_download_and_missing(
 ) -> None:
     monkeypatch.setenv("MLXD_HOME", str(mixed_config.parent / "home"))
     table = _models_table(capsys, "--config", str(mixed_config), "--memory-budget", "4GB")
-    assert table["tiny"].split()[1] == "present"
-    assert table["tiny"].split()[3] in ("KiB", "MiB")  # what it needs, in binary units
+    assert re.match(r"tiny \*\s+present\s+[\d.]+ (KiB|MiB)\s", table["tiny"])  # binary units
     assert "would download" in table["big-hub"]
     assert "missing" in table["gone"]
     main(["models", "--config", str(mixed_config), "--memory-budget", "4GB"])
