@@ -30,29 +30,67 @@ log = logging.getLogger("mlxd.api")
 router = APIRouter()
 
 
-def field_path(loc: tuple[int | str, ...]) -> str:
-    """pydantic's ``("messages", 0, "content")`` → ``messages[0].content``.
+_TYPE_WORDS = {"str": "a string", "int": "an integer", "float": "a number", "bool": "a boolean",
+               "list": "an array", "dict": "an object", "none": "null"}  # fmt: skip
 
-    Union branches add type names to the location (``str``, ``list[TextPart]``,
-    ``function-after[...]``); they say nothing to a client and are dropped.
-    """
+
+def _is_branch(part: int | str) -> bool:
+    """pydantic names union branches in a location by type (``str``, ``list[TextPart]``,
+    ``literal['auto','none']``, ``function-after[...]``, ``NamedToolChoice``); a client never
+    wrote those names."""
+    if isinstance(part, int):
+        return False
+    return (
+        part.split("[")[0] in _TYPE_WORDS
+        or not part[:1].islower()
+        or any(c in part for c in "[]()-'")
+    )
+
+
+def field_path(loc: tuple[int | str, ...]) -> str:
+    """pydantic's ``("messages", 0, "content", "str")`` → ``messages[0].content``."""
     out = ""
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part[:1].islower() and not any(c in part for c in "[]()-"):
+        elif not _is_branch(part):
             out += f".{part}" if out else part
     return out
 
 
+def _branch_word(tag: str) -> str:
+    if tag.startswith("literal["):
+        return "one of " + tag[len("literal[") : -1].replace(",", ", ")
+    return _TYPE_WORDS.get(tag.split("[")[0], "an object")
+
+
 def validation_error(exc: ValidationError) -> BadRequest:
-    first = exc.errors()[0]
-    where = field_path(tuple(first["loc"]))
+    """The first problem, worded with the client's field names.
+
+    A value that fits no branch of a union (``content: 5``) fails every branch; that is one
+    problem ("must be a string or an array"). When the value has one branch's type but is wrong
+    inside it (a content part without ``text``), that inner problem is the one reported.
+    """
+    errors = exc.errors()
+    first = errors[0]
+    loc = tuple(first["loc"])
+    at = next((i for i, part in enumerate(loc) if _is_branch(part)), None)
+    group = [first]
     message = first["msg"]
+    if at is not None:
+        group = [e for e in errors if len(e["loc"]) > at and tuple(e["loc"])[:at] == loc[:at]]
+        deepest = max(group, key=lambda e: len(e["loc"]))
+        if len(deepest["loc"]) > at + 1:
+            first, message = deepest, deepest["msg"]
+        else:
+            words = dict.fromkeys(_branch_word(str(e["loc"][at])) for e in group)
+            message = "must be " + " or ".join(words)
+    where = field_path(tuple(first["loc"]))
     if where:
         message = f"{where}: {message}"
-    if len(exc.errors()) > 1:
-        message += f" (and {len(exc.errors()) - 1} more problem(s))"
+    others = len(errors) - len(group)
+    if others > 0:
+        message += f" (and {others} more problem(s))"
     return BadRequest(message, param=where or None)
 
 

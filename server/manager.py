@@ -33,6 +33,7 @@ from typing import Any, Protocol
 from server.config import ModelEntry
 from server.engine import Engine, LoadedModel
 from server.errors import MlxdError, ModelLoadFailed, Overloaded
+from server.memory import format_size
 from server.registry import Registry
 
 log = logging.getLogger("mlxd.manager")
@@ -266,8 +267,8 @@ class ModelManager:
             if self.gate is not None:
                 self.gate.loaded(target, info)
             log.info(
-                "model %s ready in %.1fs (active memory %.2f GB)",
-                target.id, info.load_seconds, info.active_bytes / 1e9,
+                "model %s ready in %.1fs (active memory %s)",
+                target.id, info.load_seconds, format_size(info.active_bytes),
             )  # fmt: skip
         except Exception as exc:
             error = exc if isinstance(exc, MlxdError) else ModelLoadFailed(

@@ -17,6 +17,7 @@ import uuid
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import ValidationError
 
 from server.errors import BadRequest
 
@@ -126,6 +127,11 @@ class ChatRequest(BaseModel):
     keep_alive: str | int | None = None
     ignore_eos: bool = False
 
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_functions(cls, data: Any) -> Any:
+        return map_legacy_functions(data) if isinstance(data, dict) else data
+
     @field_validator("stop")
     @classmethod
     def _stops(cls, value: str | list[str] | None) -> str | list[str] | None:
@@ -181,6 +187,66 @@ class ChatRequest(BaseModel):
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+
+def map_legacy_functions(data: dict[str, Any]) -> dict[str, Any]:
+    """OpenAI's deprecated function-calling fields, rewritten as their tool equivalents.
+
+    ``functions`` → ``tools``, ``function_call`` → ``tool_choice``, an assistant message's
+    ``function_call`` → one ``tool_calls`` entry, and a ``role: "function"`` result → a
+    ``role: "tool"`` message answering that call. Sending both forms is refused: which one
+    would win is not obvious.
+    """
+    if (
+        "functions" not in data
+        and "function_call" not in data
+        and not any(
+            isinstance(m, dict) and (m.get("role") == "function" or "function_call" in m)
+            for m in data.get("messages") or []
+        )
+    ):
+        return data
+    data = dict(data)
+    for old, new in (("functions", "tools"), ("function_call", "tool_choice")):
+        if old in data and data.get(new) is not None:
+            raise BadRequest(f"send either '{new}' or the deprecated '{old}', not both", param=old)
+    functions = data.pop("functions", None)
+    if functions is not None:
+        if not isinstance(functions, list):
+            raise BadRequest("functions: must be an array", param="functions")
+        for i, function in enumerate(functions):  # checked here to name them as sent
+            try:
+                FunctionDef.model_validate(function)
+            except ValidationError as exc:
+                err = exc.errors()[0]
+                where = "".join(f".{p}" if isinstance(p, str) else f"[{p}]" for p in err["loc"])
+                raise BadRequest(f"functions[{i}]{where}: {err['msg']}",
+                                 param=f"functions[{i}]{where}") from None  # fmt: skip
+        data["tools"] = [{"type": "function", "function": f} for f in functions]
+    choice = data.pop("function_call", None)
+    if isinstance(choice, dict):
+        data["tool_choice"] = {"type": "function", "function": choice}
+    elif choice is not None:
+        data["tool_choice"] = choice
+    messages = data.get("messages")
+    if isinstance(messages, list):
+        data["messages"] = _legacy_messages(messages)
+    return data
+
+
+def _legacy_messages(messages: list[Any]) -> list[Any]:
+    out: list[Any] = []
+    last_call: str | None = None
+    for i, msg in enumerate(messages):
+        if isinstance(msg, dict) and isinstance(msg.get("function_call"), dict):
+            msg = dict(msg)
+            last_call = f"call_legacy_{i}"
+            msg["tool_calls"] = [{"id": last_call, "type": "function",
+                                  "function": msg.pop("function_call")}]  # fmt: skip
+        elif isinstance(msg, dict) and msg.get("role") == "function":
+            msg = {**msg, "role": "tool", "tool_call_id": msg.get("tool_call_id") or last_call}
+        out.append(msg)
+    return out
 
 
 def completion_id() -> str:
