@@ -134,7 +134,7 @@ class ChatRun:
             "chat id=%s model=%s prompt=%d cached=%d completion=%d ttft_ms=%.0f "
             "decode_tok_s=%.1f finish=%s",
             self.id, self.model, u.prompt_tokens, u.cached_tokens, u.completion_tokens,
-            record.ttft_s * 1000, record.decode_tok_s, finish.reason,
+            (record.ttft_s or 0.0) * 1000, record.decode_tok_s, finish.reason,
             extra={REQUEST_FIELD: record.to_log()},
         )  # fmt: skip
 

@@ -102,7 +102,7 @@ class Metrics:
         self.generations.labels(api, model, record.finish).inc()
         self.prompt_tokens.labels(api, model).inc(record.prompt_tokens)
         self.completion_tokens.labels(api, model).inc(record.completion_tokens)
-        if record.completion_tokens:
+        if record.ttft_s is not None:
             self.ttft.labels(api, model).observe(record.ttft_s)
         if record.inter_token_s is not None:
             self.inter_token.labels(api, model).observe(record.inter_token_s)

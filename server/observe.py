@@ -42,7 +42,7 @@ class RequestRecord:
     prompt_tokens: int
     cached_tokens: int
     completion_tokens: int
-    ttft_s: float  # request admitted → first token
+    ttft_s: float | None  # request admitted → first token; None when none came
     decode_tok_s: float  # completion tokens after the first, per second
     inter_token_s: float | None  # mean gap between output tokens; None with < 2 tokens
     duration_s: float
@@ -64,8 +64,8 @@ class RequestRecord:
         finish: str,
     ) -> RequestRecord:
         """A record from ``time.perf_counter()`` readings taken while the request ran."""
-        ttft = (first_token or end) - started
-        decode = end - (first_token or end)
+        ttft = first_token - started if first_token is not None else None
+        decode = end - first_token if first_token is not None else 0.0
         gaps = completion_tokens - 1
         return cls(
             id=id,
@@ -90,7 +90,7 @@ class RequestRecord:
             "prompt_tokens": self.prompt_tokens,
             "cached_tokens": self.cached_tokens,
             "completion_tokens": self.completion_tokens,
-            "ttft_ms": round(self.ttft_s * 1000, 1),
+            "ttft_ms": round(self.ttft_s * 1000, 1) if self.ttft_s is not None else None,
             "tok_s": round(self.decode_tok_s, 2),
             "duration_ms": round(self.duration_s * 1000, 1),
             "finish": self.finish,

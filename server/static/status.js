@@ -71,8 +71,9 @@ function renderRecent(recent) {
   if (!recent.length) return;
   body.replaceChildren(...recent.map((r) => row(
     [new Date(r.at * 1000).toLocaleTimeString(), r.api, r.model, r.prompt_tokens,
-     r.cached_tokens, r.completion_tokens, Math.round(r.ttft_ms) + " ms",
-     r.tok_s.toFixed(1), r.finish],
+     r.cached_tokens, r.completion_tokens,
+     r.ttft_ms == null ? "—" : Math.round(r.ttft_ms) + " ms",
+     r.completion_tokens > 1 ? r.tok_s.toFixed(1) : "—", r.finish],
     { "data-request": r.id },
   )));
 }
