@@ -22,6 +22,8 @@ from typing import Any
 
 from websockets.sync.client import ClientConnection, connect
 
+from tests.conftest import stop_process
+
 
 def chromium_path() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
@@ -122,12 +124,7 @@ def open_page(url: str, profile: Path, width: int = 1200, height: int = 1100) ->
             page.send("Page.navigate", url=url)
             yield page
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
 
 
 def _devtools_url(proc: subprocess.Popen[str], timeout: float) -> str:

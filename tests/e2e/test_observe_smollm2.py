@@ -13,11 +13,11 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from server.config import REPO_ROOT
 from tests.conftest import RunningServer, run_server
 from tests.e2e.chromium import chromium_path, open_page
+from tests.promtext import Samples, parse, value
 
 pytestmark = pytest.mark.e2e
 
@@ -25,7 +25,6 @@ pytestmark = pytest.mark.e2e
 SYSTEM = "You are a terse assistant. " + " ".join(
     f"Rule {i}: answer in as few words as possible and never apologise." for i in range(12)
 )
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
 @pytest.fixture(scope="module")
@@ -44,15 +43,7 @@ def client(server: RunningServer) -> openai.OpenAI:
 def scrape(server: RunningServer) -> Samples:
     r = httpx.get(f"{server.root}/metrics", timeout=10)
     assert r.status_code == 200
-    return {
-        (s.name, frozenset(s.labels.items())): s.value
-        for family in text_string_to_metric_families(r.text)
-        for s in family.samples
-    }
-
-
-def value(samples: Samples, name: str, **labels: str) -> float:
-    return samples.get((name, frozenset(labels.items())), 0.0)
+    return parse(r.text)
 
 
 def request_lines(server: RunningServer) -> dict[str, dict[str, Any]]:

@@ -6,30 +6,21 @@ from collections.abc import Callable
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.fakes import FakeEngine
+from tests.promtext import Samples, parse, value
 
 pytestmark = pytest.mark.anyio
 
 Client = Callable[..., httpx.AsyncClient]
 USER = [{"role": "user", "content": "Hi"}]
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
 async def scrape(client: httpx.AsyncClient) -> Samples:
     r = await client.get("/metrics")
     assert r.status_code == 200
     assert r.headers["content-type"].startswith("text/plain; version=0.0.4")
-    return {
-        (s.name, frozenset(s.labels.items())): s.value
-        for family in text_string_to_metric_families(r.text)
-        for s in family.samples
-    }
-
-
-def value(samples: Samples, name: str, **labels: str) -> float:
-    return samples.get((name, frozenset(labels.items())), 0.0)
+    return parse(r.text)
 
 
 async def test_counters_move_and_histograms_fill(make_client: Client) -> None:
