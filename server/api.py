@@ -52,7 +52,7 @@ def field_path(loc: tuple[int | str, ...]) -> str:
 def validation_error(exc: ValidationError) -> BadRequest:
     first = exc.errors()[0]
     where = field_path(tuple(first["loc"]))
-    message = first["msg"]
+    message = first["msg"].removeprefix("Value error, ")
     if where:
         message = f"{where}: {message}"
     if len(exc.errors()) > 1:
