@@ -21,7 +21,7 @@ from server.config import ConfigError, ModelsFile, Settings, load_models, parse_
 from server.engine import Engine, MLXEngine
 from server.gate import MemoryGate, PressureMonitor
 from server.guard import Guard, check_exposure
-from server.limits import BodyLimit, InflightLimit
+from server.limits import InflightLimit, RequestLimits
 from server.manager import ModelManager
 from server.memory import PressureReading
 from server.registry import Registry
@@ -138,6 +138,11 @@ def create_app(
     app.include_router(router)
     install_error_handlers(app)
     # Added last = outermost: who may call is decided before the body is even looked at.
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, timeout=settings.body_timeout)
+    app.add_middleware(
+        RequestLimits,
+        max_bytes=settings.max_body_bytes,
+        timeout=settings.body_timeout,
+        max_header_bytes=settings.max_header_bytes,
+    )
     app.add_middleware(Guard, settings=settings)
     return app

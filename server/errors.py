@@ -12,6 +12,7 @@
     ├── RequestTimeout (408, code=request_timeout)            body arrived too slowly
     ├── PayloadTooLarge (413, code=payload_too_large)
     ├── UnsupportedMediaType (415, code=unsupported_media_type)
+    ├── HeadersTooLarge (431, code=headers_too_large)
     ├── Overloaded (503, code=overloaded) + Retry-After        memory or queue full for now
     │   └── ShuttingDown (503, code=server_shutdown)           drain timeout cut it off
     ├── ModelLoadFailed (500, code=model_load_failed)          files missing or corrupt
@@ -98,17 +99,34 @@ class RequestTimeout(MlxdError):
     error_type = "invalid_request_error"
     default_code = "request_timeout"
 
+    def __init__(self, message: str) -> None:
+        # The rest of the body is not read: the connection cannot carry another request.
+        super().__init__(message, headers={"Connection": "close"})
+
 
 class PayloadTooLarge(MlxdError):
     status_code = 413
     error_type = "invalid_request_error"
     default_code = "payload_too_large"
 
+    def __init__(self, message: str) -> None:
+        # The rest of the body is not read: the connection cannot carry another request.
+        super().__init__(message, headers={"Connection": "close"})
+
 
 class UnsupportedMediaType(MlxdError):
     status_code = 415
     error_type = "invalid_request_error"
     default_code = "unsupported_media_type"
+
+
+class HeadersTooLarge(MlxdError):
+    status_code = 431
+    error_type = "invalid_request_error"
+    default_code = "headers_too_large"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"Connection": "close"})
 
 
 class ModelNotFound(MlxdError):

@@ -1,10 +1,11 @@
 """How much one client may ask for: body size and pace, requests in flight, log volume, files.
 
-- :class:`BodyLimit` (ASGI): a declared ``Content-Length`` over the limit is a 413 before any byte
-  is read; a chunked body is counted while it streams in and refused as soon as it passes the
-  limit (never read whole first). Silence longer than the body timeout between two chunks is a
-  408, and a request with both ``Content-Length`` and ``Transfer-Encoding`` (request smuggling,
-  and a hang in h11) is a 400.
+- :class:`RequestLimits` (ASGI): headers over ``max_header_bytes`` are a 431 (h11's own limit
+  only applies while a head is incomplete, so a big head in one packet passed); a declared
+  ``Content-Length`` over the limit is a 413 before any byte is read; a chunked body is counted
+  while it streams in and refused as soon as it passes the limit (never read whole first).
+  Silence longer than the body timeout between two chunks is a 408, and a request with both
+  ``Content-Length`` and ``Transfer-Encoding`` (request smuggling, and a hang in h11) is a 400.
 - :class:`InflightLimit`: chat requests running or waiting, beyond which a request gets
   503 + ``Retry-After`` instead of piling up in the engine's job queue.
 - :class:`RateLimitFilter`: one log line per distinct warning or error per interval, so a flood of
@@ -23,7 +24,15 @@ import time
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.errors import BadRequest, Overloaded, PayloadTooLarge, RequestTimeout, send_error
+from server.errors import (
+    BadRequest,
+    HeadersTooLarge,
+    MlxdError,
+    Overloaded,
+    PayloadTooLarge,
+    RequestTimeout,
+    send_error,
+)
 
 FILES_RESERVED = 128  # descriptors kept back from connections: weights, tokenizer, logs, pipes
 MAX_DEFAULT_CONNECTIONS = 4096
@@ -33,11 +42,14 @@ def _size(n: int) -> str:
     return f"{n / (1 << 20):g} MiB" if n >= 1 << 20 else f"{n} bytes"
 
 
-class BodyLimit:
-    def __init__(self, app: ASGIApp, max_bytes: int, timeout: float) -> None:
+class RequestLimits:
+    def __init__(
+        self, app: ASGIApp, max_bytes: int, timeout: float, max_header_bytes: int = 64 << 10
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.timeout = timeout
+        self.max_header_bytes = max_header_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -46,15 +58,22 @@ class BodyLimit:
         headers = Headers(scope=scope)
         declared = headers.get("content-length")
         try:
+            size = sum(len(k) + len(v) for k, v in scope["headers"])
+            if size > self.max_header_bytes:
+                raise HeadersTooLarge(
+                    f"the request headers are {size} bytes, more than the limit of "
+                    f"{_size(self.max_header_bytes)}"
+                )
             if declared is not None and "transfer-encoding" in headers:
                 raise BadRequest(
                     "a request must not carry both Content-Length and Transfer-Encoding",
                     param="Content-Length",
+                    headers={"Connection": "close"},
                 )
             if declared and declared.strip().isdigit() and int(declared) > self.max_bytes:
                 raise self._too_large()
-        except (BadRequest, PayloadTooLarge) as exc:
-            await send_error(send, exc, [(b"connection", b"close")])
+        except MlxdError as exc:
+            await send_error(send, exc)
             return
         received = 0
         complete = False
@@ -145,11 +164,23 @@ class RateLimitFilter(logging.Filter):
 
 
 def raise_open_file_limit() -> int:
-    """Raise the soft open-file limit as far as the hard limit allows; returns the soft limit."""
+    """Raise the soft open-file limit as far as the hard limit allows; returns the soft limit.
+
+    mlx_lm.utils calls ``setrlimit(RLIMIT_NOFILE, (2048, 4096))`` when imported: that lowers a
+    higher soft limit back to 2048 (the limit the issue's idle sockets hit), lowers the hard
+    limit, and raises ValueError where the hard limit is below 4096. So it is imported first,
+    with that call disabled, and the limit is set here once.
+    """
     try:
         import resource
     except ImportError:  # not POSIX
         return 1024
+    setrlimit = resource.setrlimit
+    resource.setrlimit = lambda *_: None
+    try:
+        import mlx_lm.utils  # noqa: F401
+    finally:
+        resource.setrlimit = setrlimit
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     target = hard if hard != resource.RLIM_INFINITY else 1 << 20
     if sys.platform == "darwin":

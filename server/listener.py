@@ -89,6 +89,7 @@ class GuardedH11Protocol(H11Protocol):
             "the oldest idle connection" if victim is not self else "a new connection",
         )  # fmt: skip
         victim.transport.close()
+        self.connections.discard(victim)  # now, not when connection_lost runs on a later tick
 
 
 def protocol_class(header_timeout: float, max_connections: int) -> type[GuardedH11Protocol]:

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from server.errors import Overloaded
-from server.limits import BodyLimit, InflightLimit, RateLimitFilter, connection_cap
+from server.limits import InflightLimit, RateLimitFilter, RequestLimits, connection_cap
 from tests.fakes import FakeEngine
 
 pytestmark = pytest.mark.anyio
@@ -164,13 +164,13 @@ async def test_body_limit_refuses_both_lengths_and_a_stalled_body() -> None:
 
     both = {"type": "http", "headers": [(b"content-length", b"5"),
                                         (b"transfer-encoding", b"chunked")]}  # fmt: skip
-    await BodyLimit(app, 1024, 0.05)(both, never, send)
+    await RequestLimits(app, 1024, 0.05)(both, never, send)
     assert sent[0]["status"] == 400
     stalled = {"type": "http", "headers": [(b"content-length", b"5")]}
     from server.errors import RequestTimeout
 
     with pytest.raises(RequestTimeout):
-        await BodyLimit(app, 1024, 0.05)(stalled, never, send)
+        await RequestLimits(app, 1024, 0.05)(stalled, never, send)
 
 
 async def test_queue_limit_refuses_with_retry_after(make_client: Client) -> None:
