@@ -8,6 +8,8 @@ first token (unknown model, context too long, memory) are raised before the SSE 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 from typing import Any
@@ -20,9 +22,11 @@ from sse_starlette import EventSourceResponse
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from server.chat import ChatService
-from server.errors import BadRequest, MlxdError
-from server.protocol import ChatRequest
+from server.chat import ChatRun, ChatService
+from server.config import ModelEntry, parse_duration
+from server.errors import BadRequest, Forbidden, MlxdError, ShuttingDown
+from server.guard import caller_of
+from server.protocol import MAX_JSON_DEPTH, ChatRequest, check_json_value
 from server.render import completion, sse_events
 from server.state import AppState
 
@@ -76,7 +80,7 @@ def validation_error(exc: ValidationError) -> BadRequest:
     loc = tuple(first["loc"])
     at = next((i for i, part in enumerate(loc) if _is_branch(part)), None)
     group = [first]
-    message = first["msg"]
+    message = first["msg"].removeprefix("Value error, ")
     if at is not None:
         group = [e for e in errors if len(e["loc"]) > at and tuple(e["loc"])[:at] == loc[:at]]
         deepest = max(group, key=lambda e: len(e["loc"]))
@@ -103,23 +107,88 @@ async def parse_chat_request(request: Request) -> ChatRequest:
     body = await request.body()
     try:
         data: Any = json.loads(body)
+    except RecursionError:
+        raise BadRequest(f"the request body nests deeper than {MAX_JSON_DEPTH} levels") from None
     except ValueError as exc:
         raise BadRequest(f"the request body is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise BadRequest("the request body must be a JSON object")
+    check_json_value(data)
     try:
         return ChatRequest.model_validate(data)
     except ValidationError as exc:
         raise validation_error(exc) from None
 
 
+def check_model_changes(request: Request, chat: ChatRequest, entry: ModelEntry) -> None:
+    """Unloading (``keep_alive: 0``) and downloading a model are for trusted callers only.
+
+    Trusted: a request with a valid API key, or, when no keys are configured, a local client
+    that is not a web page (no ``Origin``). A page allowed by ``--cors-origins`` may chat but
+    not unload the model or start a multi-GB download.
+    """
+    if caller_of(request.scope).trusted:
+        return
+    try:
+        unloads = chat.keep_alive is not None and parse_duration(chat.keep_alive) == 0
+    except ValueError:
+        unloads = False  # prepare() reports the bad value
+    if unloads:
+        raise Forbidden(
+            "keep_alive: 0 unloads the model; only a client with an API key may do that",
+            param="keep_alive",
+        )
+    if not _state(request).registry.is_present(entry):
+        raise Forbidden(
+            f"model {entry.id!r} is not downloaded yet; a web page cannot start the download "
+            "(run `mlxd pull`, or send the request with an API key)",
+            param="model",
+        )
+
+
+async def until_disconnected(request: Request, run: ChatRun) -> dict[str, Any] | None:
+    """The folded completion, or None if the client went away first (the run is cancelled
+    within one token, so nobody's GPU time goes to an answer no one will read)."""
+    task = asyncio.ensure_future(completion(run))
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        task.cancel()
+        raise
+    finally:
+        gone.cancel()
+    if task.done():
+        return task.result()
+    run.cancel(cause="client_disconnected")
+    with contextlib.suppress(Exception):
+        await task
+    return None
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request) -> Response:
     state = _state(request)
+    if state.draining:
+        raise ShuttingDown("the server is shutting down; retry shortly")
     chat_request = await parse_chat_request(request)
     service: ChatService = state.chat
     entry = state.router.pick(chat_request)
-    run = await service.start(chat_request, entry)
+    check_model_changes(request, chat_request, entry)
+    slot = state.inflight.enter()
+    try:
+        run = await service.start(chat_request, entry)
+    except BaseException:
+        slot.release()
+        raise
+    run.on_close(slot.release)
+    if request.client is not None:
+        run.client = f"{request.client.host}:{request.client.port}"
     headers = {"x-mlxd-model": run.model}
     if chat_request.stream:
         return EventSourceResponse(
@@ -131,7 +200,16 @@ async def chat_completions(request: Request) -> Response:
             # cleanup; this releases the model lease in that case (aclose is idempotent).
             background=BackgroundTask(run.aclose),
         )
-    return JSONResponse(await completion(run), headers=headers)
+    body = await until_disconnected(request, run)
+    if body is None:
+        return Response(status_code=499)  # nobody is listening; nginx's "client closed"
+    if run.cause == "shutdown":
+        done = body["usage"]["completion_tokens"]
+        raise ShuttingDown(
+            f"the server shut down before the completion finished ({done} tokens were "
+            "generated); retry the request"
+        )
+    return JSONResponse(body, headers=headers)
 
 
 @router.get("/v1/models")
@@ -146,7 +224,7 @@ async def get_model(request: Request, model_id: str) -> dict[str, Any]:
     return state.describe_model(state.registry.get(model_id))
 
 
-@router.get("/health")
+@router.api_route("/health", methods=["GET", "HEAD"])
 async def health(request: Request) -> dict[str, Any]:
     return await _state(request).health()
 

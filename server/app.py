@@ -20,6 +20,8 @@ from server.chat import ChatService
 from server.config import ConfigError, ModelsFile, Settings, load_models, parse_duration
 from server.engine import Engine, MLXEngine
 from server.gate import MemoryGate, PressureMonitor
+from server.guard import Guard, check_exposure
+from server.limits import InflightLimit, RequestLimits
 from server.manager import ModelManager
 from server.memory import PressureReading
 from server.metrics import Metrics, MetricsMiddleware
@@ -93,6 +95,8 @@ def build_state(settings: Settings, engine: Engine, models: ModelsFile | None = 
         router=Router(registry, gate),
         gate=gate,
         started=time.time(),
+        # The engine runs one generation at a time: one running plus the queue.
+        inflight=InflightLimit(settings.queue_size + 1),
     )
 
 
@@ -101,6 +105,7 @@ def create_app(
     engine_factory: EngineFactory = default_engine,
     models: ModelsFile | None = None,
 ) -> FastAPI:
+    check_exposure(settings)
     engine = engine_factory(settings)
     state = build_state(settings, engine, models)
 
@@ -139,4 +144,12 @@ def create_app(
     app.include_router(router)
     app.include_router(status_router)
     install_error_handlers(app)
+    # Added last = outermost: who may call is decided before the body is even looked at.
+    app.add_middleware(
+        RequestLimits,
+        max_bytes=settings.max_body_bytes,
+        timeout=settings.body_timeout,
+        max_header_bytes=settings.max_header_bytes,
+    )
+    app.add_middleware(Guard, settings=settings)
     return app

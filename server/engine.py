@@ -16,6 +16,7 @@ import asyncio
 import gc
 import logging
 import queue
+import secrets
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -112,6 +113,8 @@ class MLXEngine:
         self.generations = 0
         self.tokens_generated = 0
         self._waiting: set[Callable[[BaseException], None]] = set()
+        # memory() answers from this, refreshed by the worker, so /health never waits on MLX.
+        self._memory: dict[str, int] = {"active": 0, "cache": 0, "peak": 0, "prefix_cache": 0}
         self._thread = threading.Thread(target=self._run, name="mlxd-mlx", daemon=True)
         self._thread.start()
 
@@ -124,6 +127,7 @@ class MLXEngine:
                 if isinstance(job, _Stop):
                     return
                 job()
+                self._snapshot_memory()
         except BaseException as exc:  # keep the cause for every later caller
             self._dead = exc
             log.exception("MLX worker thread died")
@@ -209,18 +213,20 @@ class MLXEngine:
         gc.collect()
         mx.clear_cache()
 
+    def _snapshot_memory(self) -> None:
+        """Worker side: record MLX's memory counters for :meth:`memory`."""
+        import mlx.core as mx
+
+        self._memory = {
+            "active": int(mx.get_active_memory()),
+            "cache": int(mx.get_cache_memory()),
+            "peak": int(mx.get_peak_memory()),
+            "prefix_cache": self.prefix_cache.nbytes,
+        }
+
     async def memory(self) -> dict[str, int]:
-        def read() -> dict[str, int]:
-            import mlx.core as mx
-
-            return {
-                "active": int(mx.get_active_memory()),
-                "cache": int(mx.get_cache_memory()),
-                "peak": int(mx.get_peak_memory()),
-                "prefix_cache": self.prefix_cache.nbytes,
-            }
-
-        return await self._call(read)
+        """The worker's latest reading (after each job, every 32 tokens); never waits on MLX."""
+        return dict(self._memory)
 
     async def set_limits(self, memory_limit: int | None, wired_limit: int | None) -> None:
         def apply() -> None:
@@ -306,8 +312,9 @@ class MLXEngine:
             emit(GenerationChunk("", None, req.cancel_reason, len(req.prompt)))
             return
         s = req.sampling
-        if s.seed is not None:
-            mx.random.seed(s.seed)
+        # Every request starts from its own RNG state: a seed is reproducible whatever ran
+        # before, and a state left broken by a failed compiled sampler cannot leak onward.
+        mx.random.seed(s.seed if s.seed is not None else secrets.randbits(64))
         sampler = make_sampler(
             temp=s.temperature, top_p=s.top_p if s.top_p < 1.0 else 0.0, min_p=s.min_p,
             top_k=max(s.top_k, 0),
@@ -345,6 +352,8 @@ class MLXEngine:
                 token = int(step)  # generate_step yields Python ints (via .item())
                 generated.append(token)
                 self.tokens_generated += 1
+                if len(generated) % 32 == 0:
+                    self._snapshot_memory()
                 if token in eos:
                     finish, hit_eos = "stop", True
                     break

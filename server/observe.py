@@ -47,6 +47,8 @@ class RequestRecord:
     inter_token_s: float | None  # mean gap between output tokens; None with < 2 tokens
     duration_s: float
     finish: str  # stop | length | tool_calls | cancelled (client gone) | error
+    client: str = "-"  # address:port of the caller
+    cause: str | None = None  # why it was ended early: client_disconnected, shutdown, …
     at: float = field(default_factory=time.time)
 
     @classmethod
@@ -62,6 +64,8 @@ class RequestRecord:
         first_token: float | None,
         end: float,
         finish: str,
+        client: str = "-",
+        cause: str | None = None,
     ) -> RequestRecord:
         """A record from ``time.perf_counter()`` readings taken while the request ran."""
         ttft = first_token - started if first_token is not None else None
@@ -79,6 +83,8 @@ class RequestRecord:
             inter_token_s=decode / gaps if gaps > 0 else None,
             duration_s=end - started,
             finish=finish,
+            client=client,
+            cause=cause,
         )
 
     def to_log(self) -> dict[str, object]:
@@ -94,4 +100,6 @@ class RequestRecord:
             "tok_s": round(self.decode_tok_s, 2),
             "duration_ms": round(self.duration_s * 1000, 1),
             "finish": self.finish,
+            "client": self.client,
+            "cancel_reason": self.cause,
         }

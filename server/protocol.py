@@ -5,6 +5,12 @@ here (``user``, ``metadata``, ``store``, ``service_tier``…) are accepted and i
 (``extra="allow"``); values mlxd cannot honour (``n > 1``, ``logprobs``, structured output) are
 rejected with a 400 that names the field instead of being silently dropped.
 
+Hostile input is refused here with a 400 naming the field: non-finite numbers anywhere in a
+numeric field, seeds outside what MLX accepts, lone surrogates (they cannot be encoded for the
+tokenizer), JSON nested deeper than any real request, and tool ``parameters`` that are not a valid
+JSON Schema. Checks that need the model (token ids against the vocabulary, ``top_k``) are in
+:func:`server.chat.check_against_model`.
+
 Responses are built as plain dicts: a streamed reply sends one chunk per token, and building a
 pydantic object per token costs more than the JSON encoding itself.
 """
@@ -16,10 +22,53 @@ import time
 import uuid
 from typing import Any, Literal
 
+import jsonschema
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import ValidationError
 
 from server.errors import BadRequest
+
+MAX_JSON_DEPTH = 64
+SEED_LIMIT = 1 << 64  # mx.random.seed takes an unsigned 64-bit integer
+LOGIT_BIAS_RANGE = 100.0  # OpenAI's range: -100 (ban) .. 100 (force)
+MAX_LOGIT_BIAS = 1024
+MAX_STOP_LENGTH = 4096
+
+
+def check_json_value(data: Any) -> None:
+    """Refuse what JSON can carry but no field can use: deep nesting, lone surrogates.
+
+    Iterative, so a deep document cannot exhaust the stack here; the path in the error is
+    written the way the client wrote the document (``messages[0].content``).
+    """
+    stack: list[tuple[Any, str, int]] = [(data, "", 0)]
+    while stack:
+        value, path, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise BadRequest(
+                f"{path or 'the body'}: JSON nested deeper than {MAX_JSON_DEPTH} levels",
+                param=path or None,
+            )
+        if isinstance(value, str):
+            _check_text(value, path)
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                where = f"{path}.{key}" if path else str(key)
+                _check_text(key, where)
+                stack.append((item, where, depth + 1))
+        elif isinstance(value, list):
+            stack.extend((item, f"{path}[{i}]", depth + 1) for i, item in enumerate(value))
+
+
+def _check_text(text: str, path: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise BadRequest(
+            f"{path or 'the body'}: contains a lone UTF-16 surrogate "
+            f"({text[exc.start]!r} at offset {exc.start}); send valid Unicode",
+            param=path or None,
+        ) from None
 
 
 class TextPart(BaseModel):
@@ -65,6 +114,20 @@ class FunctionDef(BaseModel):
     description: str | None = None
     parameters: dict[str, Any] | None = None
 
+    @field_validator("parameters")
+    @classmethod
+    def _valid_schema(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        # Parsers and constrained decoding compile this schema; an invalid one must be the
+        # request's 400, not a failure halfway through generation.
+        if value is not None:
+            validator = jsonschema.validators.validator_for(value, jsonschema.Draft202012Validator)
+            try:
+                validator.check_schema(value)
+            except jsonschema.SchemaError as exc:
+                where = "/".join(str(p) for p in exc.absolute_path) or "(top level)"
+                raise ValueError(f"not a valid JSON Schema at {where}: {exc.message}") from None
+        return value
+
 
 class Tool(BaseModel):
     model_config = ConfigDict(extra="allow")
@@ -96,7 +159,8 @@ class ResponseFormat(BaseModel):
 
 
 class ChatRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    # NaN and infinity parse from JSON (Python accepts the literals) but mean nothing here.
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     model: str = Field(min_length=1)
     messages: list[Message] = Field(min_length=1)
@@ -111,7 +175,7 @@ class ChatRequest(BaseModel):
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     repetition_penalty: float | None = Field(default=None, gt=0)
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, float] | None = Field(default=None, max_length=MAX_LOGIT_BIAS)
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -140,6 +204,27 @@ class ChatRequest(BaseModel):
             raise ValueError("at most 16 stop sequences")
         if any(s == "" for s in items):
             raise ValueError("stop sequences must not be empty")
+        if any(len(s) > MAX_STOP_LENGTH for s in items):
+            raise ValueError(f"stop sequences must be at most {MAX_STOP_LENGTH} characters")
+        return value
+
+    @field_validator("seed")
+    @classmethod
+    def _seed(cls, value: int | None) -> int | None:
+        if value == -1:
+            return None  # what many clients send to mean "random"
+        if value is not None and not 0 <= value < SEED_LIMIT:
+            raise ValueError(f"must be -1 (random) or in [0, 2**64), got {value}")
+        return value
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for key, bias in (value or {}).items():
+            if not (key.isascii() and key.isdigit()):
+                raise ValueError(f"keys must be token ids (non-negative integers), got {key!r}")
+            if not -LOGIT_BIAS_RANGE <= bias <= LOGIT_BIAS_RANGE:
+                raise ValueError(f"the bias of token {key} must be in [-100, 100], got {bias}")
         return value
 
     @model_validator(mode="after")
@@ -156,12 +241,6 @@ class ChatRequest(BaseModel):
                 "(only 'text')",
                 param="response_format",
             )
-        if self.logit_bias:
-            for key in self.logit_bias:
-                if not key.lstrip("-").isdigit():
-                    raise BadRequest(
-                        f"logit_bias keys must be token ids, got {key!r}", param="logit_bias"
-                    )
         named = isinstance(self.tool_choice, NamedToolChoice)
         if (named or self.tool_choice == "required") and not self.tools:
             raise BadRequest("tool_choice requires a non-empty 'tools' list", param="tool_choice")

@@ -13,7 +13,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,7 +69,11 @@ class RunningServer:
 
 @contextlib.contextmanager
 def run_server(
-    args: list[str], log: Path, env: dict[str, str] | None = None, timeout: float = 180.0
+    args: list[str],
+    log: Path,
+    env: dict[str, str] | None = None,
+    timeout: float = 180.0,
+    preexec_fn: Callable[[], object] | None = None,
 ) -> Iterator[RunningServer]:
     """Start ``mlxd serve`` with ``args`` and wait until /health answers."""
     port = free_port()
@@ -77,7 +81,12 @@ def run_server(
     full_env = {**os.environ, **(env or {})}
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [*cmd, *args], stdout=out, stderr=subprocess.STDOUT, env=full_env, cwd=REPO_ROOT
+            [*cmd, *args],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=full_env,
+            cwd=REPO_ROOT,
+            preexec_fn=preexec_fn,
         )
     server = RunningServer(f"http://127.0.0.1:{port}/v1", proc, log)
     deadline = time.monotonic() + timeout

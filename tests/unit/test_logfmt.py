@@ -28,7 +28,8 @@ async def test_one_record_per_request_in_both_formats(
                                                                     "content": "Hi"}]})  # fmt: skip
     body = r.json()
     [record] = [rec for rec in caplog.records if hasattr(rec, REQUEST_FIELD)]
-    assert record.getMessage().startswith(f"chat id={body['id']} model=alpha ")
+    assert record.getMessage().startswith(f"chat id={body['id']} client=")
+    assert " model=alpha " in record.getMessage()
     line = json.loads(JsonFormatter().format(record))
     assert line["event"] == "request" and line["id"] == body["id"]
     assert line["api"] == "openai" and line["model"] == "alpha"
