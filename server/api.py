@@ -103,7 +103,8 @@ def _state(request: Request) -> AppState:
     return state
 
 
-async def parse_chat_request(request: Request) -> ChatRequest:
+async def read_json_object(request: Request) -> dict[str, Any]:
+    """The request body as a JSON object (every API's routes read their bodies through this)."""
     body = await request.body()
     try:
         data: Any = json.loads(body)
@@ -114,6 +115,11 @@ async def parse_chat_request(request: Request) -> ChatRequest:
     if not isinstance(data, dict):
         raise BadRequest("the request body must be a JSON object")
     check_json_value(data)
+    return data
+
+
+async def parse_chat_request(request: Request) -> ChatRequest:
+    data = await read_json_object(request)
     try:
         return ChatRequest.model_validate(data)
     except ValidationError as exc:

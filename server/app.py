@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Callable
 
 from fastapi import FastAPI
 
-from server import __version__
+from server import __version__, apis
 from server.api import install_error_handlers, router
 from server.chat import ChatService
 from server.config import ConfigError, ModelsFile, Settings, load_models, parse_duration
@@ -143,6 +143,7 @@ def create_app(
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.include_router(router)
     app.include_router(status_router)
+    apis.install(app)
     install_error_handlers(app)
     # Added last = outermost: who may call is decided before the body is even looked at.
     app.add_middleware(

@@ -69,6 +69,7 @@ class Usage:
 class Finish:
     reason: str
     usage: Usage
+    stop_sequence: str | None = None  # the stop string that ended the output, if one did
 
 
 @dataclass
@@ -90,6 +91,7 @@ class Prepared:
     keep_alive: KeepAlive | None
     need: RequestNeed | None = None
     parallel_tool_calls: bool = True
+    raw: bool = False  # a raw prompt (no chat template): the output continues it verbatim
 
 
 class ChatRun:
@@ -119,6 +121,7 @@ class ChatRun:
             max_kv_size=prepared.entry.max_kv_size,
             kv_bits=prepared.entry.kv_bits,
             prefill_step_size=prepared.entry.prefill_step_size,
+            keep_leading_space=prepared.raw,
         )
         self.first_token_at: float | None = None
         self.started_at = time.perf_counter()
@@ -190,6 +193,7 @@ class ChatRun:
             return Delta(content, reasoning, calls, invalid)
 
         finish_reason = "stop"
+        stop_sequence: str | None = None
         usage = Usage(len(p.prompt), 0, 0)
         try:
             async for chunk in self._engine.generate(self.request):
@@ -206,7 +210,7 @@ class ChatRun:
                     yield delta
                 if matched.stopped:
                     self.cancel("stop")
-                    finish_reason = "stop"
+                    finish_reason, stop_sequence = "stop", matched.stop
                     break
                 if tools is not None and tools.call_count and not p.parallel_tool_calls:
                     self.cancel("stop")  # parallel_tool_calls=false: one call, then stop
@@ -224,7 +228,7 @@ class ChatRun:
                     yield Delta(invalidated=[tools.incomplete_call])
                 if tools.call_count and finish_reason == "stop" and not tools.truncated:
                     finish_reason = "tool_calls"
-            finish = Finish(finish_reason, usage)
+            finish = Finish(finish_reason, usage, stop_sequence)
             self._log(finish)
             yield finish
         except (GeneratorExit, asyncio.CancelledError):
@@ -264,9 +268,11 @@ class ChatService:
             run.cancel(reason, cause)
         return len(self.running)
 
-    async def start(self, request: ChatRequest, entry: ModelEntry) -> ChatRun:
+    async def start(
+        self, request: ChatRequest, entry: ModelEntry, raw_prompt: list[int] | None = None
+    ) -> ChatRun:
         """Validate, render and admit ``request``; errors raise before anything is streamed."""
-        prepared = await self.prepare(request, entry)
+        prepared = await self.prepare(request, entry, raw_prompt)
         if self.gate is not None and prepared.need is not None:
             self.gate.precheck(prepared.need)  # never fits: refuse now, not after queueing
         stack = contextlib.AsyncExitStack()
@@ -282,18 +288,27 @@ class ChatService:
         stack.callback(self.running.discard, run)
         return run
 
-    async def prepare(self, request: ChatRequest, entry: ModelEntry) -> Prepared:
+    async def prepare(
+        self, request: ChatRequest, entry: ModelEntry, raw_prompt: list[int] | None = None
+    ) -> Prepared:
+        """``raw_prompt`` (token ids) replaces the chat template: the text-completion APIs send
+        the model exactly those tokens and get its raw text back (no reasoning or tool parsing);
+        ``request.messages`` is then unused."""
         tokenizer = await self.registry.tokenizer(entry)
         config = await self.registry.config(entry)
         vocab = vocab_size(config, tokenizer)
         check_against_model(request, vocab)
         keep_alive = request_keep_alive(request)
         tools = [t.model_dump(exclude_none=True) for t in request.tools or []] or None
+        if raw_prompt is not None:
+            tools = None
         choice = request.tool_choice
         render_tools = tools if choice != "none" else None
         context = context_limit(entry, config)
 
         def render_and_encode() -> tuple[str, list[int], list[Any]]:
+            if raw_prompt is not None:
+                return "", list(raw_prompt), []
             with tokenizer_lock(tokenizer):
                 text = render_prompt(tokenizer, request, entry, render_tools)
                 if len(text) > context * MAX_CHARS_PER_TOKEN:
@@ -328,7 +343,7 @@ class ChatService:
             sampling=sampling,
             stops=request.stop_list,
             tokenizer=tokenizer,
-            think=bool(tokenizer.has_thinking),
+            think=bool(tokenizer.has_thinking) and raw_prompt is None,
             starts_in_reasoning=starts_in_reasoning,
             tools=render_tools,
             processors=processors,
@@ -336,6 +351,7 @@ class ChatService:
             keep_alive=keep_alive,
             need=need,
             parallel_tool_calls=request.parallel_tool_calls is not False,
+            raw=raw_prompt is not None,
         )
 
 

@@ -7,6 +7,7 @@ misspelt key is a startup error that names the key and the model entry it is in.
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import re
 from collections.abc import Mapping
@@ -140,6 +141,9 @@ class ModelEntry(_Strict):
 class ModelsFile(_Strict):
     default: str | None = None
     models: list[ModelEntry] = Field(min_length=1)
+    # Glob → model name, for names clients hard-code (Claude Code asks for "claude-…" models):
+    # a requested name that is no configured id or alias takes the first matching pattern.
+    patterns: dict[str, str] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _unique_names(self) -> ModelsFile:
@@ -154,7 +158,19 @@ class ModelsFile(_Strict):
                 seen[name] = entry.id
         if self.default is not None and self.default not in seen:
             raise ValueError(f"default {self.default!r} is not a configured model id or alias")
+        for pattern, target in self.patterns.items():
+            if target not in seen and target != "auto" and not target.startswith("auto:"):
+                raise ValueError(
+                    f"patterns[{pattern!r}] names {target!r}, which is not a configured model"
+                )
         return self
+
+    def match_pattern(self, name: str) -> str | None:
+        """The model name the first pattern matching ``name`` maps to (case-sensitive glob)."""
+        for pattern, target in self.patterns.items():
+            if fnmatch.fnmatchcase(name, pattern):
+                return target
+        return None
 
 
 def _location(loc: tuple[int | str, ...], data: Mapping[str, Any]) -> str:

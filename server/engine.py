@@ -63,6 +63,8 @@ class GenerationRequest:
     cancel: threading.Event = field(default_factory=threading.Event)
     # Why the caller cancelled, reported as the finish reason.
     cancel_reason: str = "cancelled"
+    # A continuation of raw text (/v1/completions): its first token's leading space is output.
+    keep_leading_space: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -338,6 +340,11 @@ class MLXEngine:
         eos = set() if req.ignore_eos else set(req.tokenizer.eos_token_ids)
         detok = req.tokenizer.detokenizer
         detok.reset()
+        if req.keep_leading_space and not isinstance(getattr(type(detok), "text", None), property):
+            # mlx-lm's detokenizers drop the leading space of the first token (right for a chat
+            # answer, wrong for " Paris" after "The capital of France is"); they drop it only
+            # while their text is empty, so seed it with one character that is never emitted.
+            detok.text, detok.offset = "\x00", 1
         generated: list[int] = []
         n_prompt = len(req.prompt)
         finish: str | None = None

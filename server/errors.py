@@ -8,7 +8,8 @@
     │   └── InsufficientMemory (400, code=insufficient_memory)  never fits the budget
     ├── Unauthorized (401, code=invalid_api_key)              missing or wrong API key
     ├── Forbidden (403, code=forbidden)                       Host, Origin, or not allowed
-    ├── ModelNotFound (404, code=model_not_found)
+    ├── NotFound (404)                                          e.g. an unknown stored response
+    │   └── ModelNotFound (404, code=model_not_found)
     ├── RequestTimeout (408, code=request_timeout)            body arrived too slowly
     ├── PayloadTooLarge (413, code=payload_too_large)
     ├── UnsupportedMediaType (415, code=unsupported_media_type)
@@ -129,9 +130,12 @@ class HeadersTooLarge(MlxdError):
         super().__init__(message, headers={"Connection": "close"})
 
 
-class ModelNotFound(MlxdError):
+class NotFound(MlxdError):
     status_code = 404
     error_type = "invalid_request_error"
+
+
+class ModelNotFound(NotFound):
     default_code = "model_not_found"
 
     def __init__(self, model: str, known: list[str]) -> None:

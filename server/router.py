@@ -52,7 +52,12 @@ class Router:
         self.gate = gate
 
     def pick(self, request: ChatRequest) -> ModelEntry:
-        name = request.model
+        return self.pick_name(request.model)
+
+    def pick_name(self, name: str) -> ModelEntry:
+        names = {n for e in self.registry.entries for n in e.names}
+        if name not in names:
+            name = self.registry.models.match_pattern(name) or name
         if name != "auto" and not name.startswith("auto:"):
             return self.registry.get(name)
         tag = name.partition(":")[2]

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 class StopResult:
     text: str  # safe to emit now
     stopped: bool  # a stop sequence matched; ``text`` ends right before it
+    stop: str | None = None  # which one
 
 
 class StopMatcher:
@@ -26,13 +27,13 @@ class StopMatcher:
         if not self.stops:
             return StopResult(text, False)
         buf = self._pending + text
-        first = min(
-            (i for i in (buf.find(s) for s in self.stops) if i >= 0),
-            default=-1,
+        first, stop = min(
+            ((i, s) for s, i in ((s, buf.find(s)) for s in self.stops) if i >= 0),
+            default=(-1, None),
         )
         if first >= 0:
             self._pending = ""
-            return StopResult(buf[:first], True)
+            return StopResult(buf[:first], True, stop)
         keep = self._held_suffix(buf)
         self._pending = buf[len(buf) - keep :]
         return StopResult(buf[: len(buf) - keep], False)

@@ -108,7 +108,9 @@ async def routed(tmp_path: Path, tiny_dirs: dict[str, Path]) -> AsyncIterator[Cl
                           memory_budget=budget)  # fmt: skip
         app = create_app(config, engine_factory=lambda _: FakeEngine(),
                          models=parse_models({"models": models}, "test"))  # fmt: skip
-        client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1:8080")
+        client = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1:8080"
+        )
         clients.append(client)
         return client
 

@@ -1,0 +1,272 @@
+"""OpenAI text completions (``/v1/completions``), with fill-in-the-middle through ``suffix``.
+
+The prompt goes to the model as is (no chat template): the chat service's raw-prompt path, so
+admission, sampling, stop strings and the prefix cache are the chat path's own. With a
+``suffix``, the prompt is built with the model's own FIM tokens, found in its vocabulary:
+
+* Qwen2.5/Qwen3-Coder: ``<|fim_prefix|>P<|fim_suffix|>S<|fim_middle|>``
+* StarCoder/StarCoder2: ``<fim_prefix>P<fim_suffix>S<fim_middle>``
+* CodeLlama: ``▁<PRE>P▁<SUF>S▁<MID>``
+* DeepSeek-Coder: ``<｜fim▁begin｜>P<｜fim▁hole｜>S<｜fim▁end｜>``
+
+A model with none of these answers a suffix with a 400 (it would otherwise write a plain
+continuation and ignore the suffix). The markers are inserted as token ids, never as text, so a
+prompt that happens to contain the marker text cannot forge them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
+from sse_starlette import EventSourceResponse
+from starlette.background import BackgroundTask
+
+from server.apis.common import app_state, chat_request, parse_body
+from server.chat import ChatRun, Finish
+from server.engine import GenerationChunk
+from server.errors import BadRequest, EngineFailure, MlxdError
+from server.protocol import ChatRequest, StreamOptions, dumps, usage_dict
+from server.render import SYSTEM_FINGERPRINT
+
+router = APIRouter()
+
+# OpenAI's default for /v1/completions (the chat API has none).
+DEFAULT_MAX_TOKENS = 16
+
+
+@dataclass(frozen=True)
+class FimStyle:
+    name: str
+    prefix: str
+    suffix: str
+    middle: str
+    stops: tuple[str, ...]  # what the model writes when the middle is done, besides its EOS
+
+
+FIM_STYLES = (
+    FimStyle(
+        "qwen",
+        "<|fim_prefix|>",
+        "<|fim_suffix|>",
+        "<|fim_middle|>",
+        ("<|endoftext|>", "<|file_sep|>", "<|fim_pad|>"),
+    ),
+    FimStyle(
+        "starcoder", "<fim_prefix>", "<fim_suffix>", "<fim_middle>", ("<|endoftext|>", "<file_sep>")
+    ),
+    FimStyle("codellama", "▁<PRE>", "▁<SUF>", "▁<MID>", ("<EOT>",)),
+    FimStyle(
+        "deepseek", "<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>", ("<｜end▁of▁sentence｜>",)
+    ),
+)
+
+
+def token_id(tokenizer: Any, token: str) -> int | None:
+    """The id of ``token`` if it is one whole token of the vocabulary."""
+    tid = tokenizer.convert_tokens_to_ids(token)
+    if not isinstance(tid, int) or tid == getattr(tokenizer, "unk_token_id", None):
+        return None
+    return tid
+
+
+def fim_style(tokenizer: Any) -> tuple[FimStyle, list[int]] | None:
+    """The model's FIM style and its (prefix, suffix, middle) ids, or None."""
+    for style in FIM_STYLES:
+        ids = [token_id(tokenizer, t) for t in (style.prefix, style.suffix, style.middle)]
+        if all(i is not None for i in ids):
+            return style, [i for i in ids if i is not None]
+    return None
+
+
+Prompt = str | list[int]
+
+
+def encode(tokenizer: Any, prompt: Prompt, *, special: bool) -> list[int]:
+    if isinstance(prompt, str):
+        return list(tokenizer.encode(prompt, add_special_tokens=special))
+    return list(prompt)
+
+
+def build_prompt(
+    tokenizer: Any, model: str, prompt: Prompt, suffix: str | None
+) -> tuple[list[int], list[str]]:
+    """Prompt token ids (FIM-framed when there is a suffix) and the extra stop strings."""
+    if suffix is None:
+        ids = encode(tokenizer, prompt, special=True)
+        if not ids:
+            raise BadRequest("prompt must not be empty", param="prompt")
+        return ids, []
+    found = fim_style(tokenizer)
+    if found is None:
+        raise BadRequest(
+            f"model {model!r} has no fill-in-the-middle tokens in its vocabulary (Qwen "
+            "<|fim_prefix|>, StarCoder <fim_prefix>, CodeLlama <PRE>, DeepSeek <｜fim▁begin｜>), "
+            "so 'suffix' cannot be used with it; use a code model or leave out 'suffix'",
+            param="suffix",
+        )
+    style, (pre, suf, mid) = found
+    bos = [tokenizer.bos_token_id] if style.name == "codellama" and tokenizer.bos_token_id else []
+    body = encode(tokenizer, prompt, special=False)
+    tail = list(tokenizer.encode(suffix, add_special_tokens=False))
+    return [*bos, pre, *body, suf, *tail, mid], list(style.stops)
+
+
+class CompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    model: str = Field(min_length=1)
+    prompt: str | list[str] | list[int] | list[list[int]]
+    suffix: str | None = None
+    max_tokens: int | None = Field(default=DEFAULT_MAX_TOKENS, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_k: int | None = Field(default=None, ge=-1)
+    min_p: float | None = Field(default=None, ge=0, le=1)
+    n: int | None = None
+    best_of: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    logprobs: int | None = Field(default=None, ge=0, le=20)
+    echo: bool = False
+    stop: str | list[str] | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    repetition_penalty: float | None = Field(default=None, gt=0)
+    logit_bias: dict[str, float] | None = None
+    seed: int | None = None
+    keep_alive: str | int | None = None
+
+    def single_prompt(self) -> Prompt:
+        p = self.prompt
+        if isinstance(p, list) and p and isinstance(p[0], (str, list)):
+            if len(p) != 1:
+                raise BadRequest(
+                    "one prompt per request (send a request per prompt)", param="prompt"
+                )
+            return p[0]
+        return p  # type: ignore[return-value]
+
+
+SAMPLING_FIELDS = (
+    "model",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "stop",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "logit_bias",
+    "seed",
+    "keep_alive",
+    "stream_options",
+    "n",
+)
+
+
+def chat_fields(req: CompletionRequest, extra_stops: list[str]) -> dict[str, Any]:
+    """The request's limits and sampling in the chat service's terms.
+
+    The messages are a placeholder: the prompt travels as token ids (``raw_prompt``).
+    """
+    if req.best_of is not None and req.best_of != 1:
+        raise BadRequest("best_of > 1 is not supported", param="best_of")
+    if req.logprobs is not None and "logprob" not in GenerationChunk.__dataclass_fields__:
+        raise BadRequest("logprobs are not supported by this engine yet", param="logprobs")
+    data = {name: getattr(req, name) for name in SAMPLING_FIELDS}
+    data["messages"] = [{"role": "user", "content": ""}]
+    if extra_stops:
+        stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        data["stop"] = stops + [s for s in extra_stops if s not in stops]
+    return data
+
+
+def to_chat_request(req: CompletionRequest, extra_stops: list[str]) -> ChatRequest:
+    return chat_request(chat_fields(req, extra_stops))
+
+
+def _choice(text: str, finish: str | None) -> dict[str, Any]:
+    return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+
+
+class Envelope:
+    def __init__(self, run: ChatRun) -> None:
+        self.head = {
+            "id": "cmpl-" + run.id.removeprefix("chatcmpl-"),
+            "object": "text_completion",
+            "created": run.created,
+            "model": run.model,
+            "system_fingerprint": SYSTEM_FINGERPRINT,
+        }
+
+    def body(self, choices: list[dict[str, Any]], finish: Finish | None = None) -> dict[str, Any]:
+        out = {**self.head, "choices": choices}
+        if finish is not None:
+            u = finish.usage
+            out["usage"] = usage_dict(u.prompt_tokens, u.completion_tokens, u.cached_tokens)
+        return out
+
+
+async def completion(run: ChatRun, echo: str) -> dict[str, Any]:
+    text = [echo]
+    finish: Finish | None = None
+    try:
+        async for event in run.events():
+            if isinstance(event, Finish):
+                finish = event
+            else:
+                text.append(event.content)
+    finally:
+        await run.aclose()
+    assert finish is not None
+    return Envelope(run).body([_choice("".join(text), finish.reason)], finish)
+
+
+async def stream(run: ChatRun, echo: str, include_usage: bool) -> AsyncIterator[str]:
+    env = Envelope(run)
+    try:
+        if echo:
+            yield dumps(env.body([_choice(echo, None)]))
+        async for event in run.events():
+            if isinstance(event, Finish):
+                yield dumps(env.body([_choice("", event.reason)]))
+                if include_usage:
+                    yield dumps(env.body([], event))
+            elif event.content:
+                yield dumps(env.body([_choice(event.content, None)]))
+    except MlxdError as exc:
+        yield dumps(exc.to_dict())
+    except Exception as exc:
+        yield dumps(EngineFailure(f"{type(exc).__name__}: {exc}").to_dict())
+    finally:
+        await run.aclose()
+    yield "[DONE]"
+
+
+@router.post("/v1/completions")
+async def create_completion(request: Request) -> Response:
+    state = app_state(request)
+    req = await parse_body(request, CompletionRequest)
+    prompt = req.single_prompt()
+    entry = state.router.pick_name(req.model)
+    tokenizer = await state.registry.tokenizer(entry)
+    ids, stops = build_prompt(tokenizer, entry.id, prompt, req.suffix)
+    chat = to_chat_request(req, stops)
+    run = await state.chat.start(chat, entry, raw_prompt=ids)
+    echo = "" if not req.echo else prompt if isinstance(prompt, str) else tokenizer.decode(prompt)
+    headers = {"x-mlxd-model": run.model}
+    if req.stream:
+        return EventSourceResponse(
+            stream(run, echo, chat.include_usage),
+            headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            ping=state.settings.sse_ping_seconds,
+            sep="\n",
+            background=BackgroundTask(run.aclose),
+        )
+    return JSONResponse(await completion(run, echo), headers=headers)
