@@ -232,8 +232,9 @@ class ChatRun:
             self._log(finish)
             yield finish
         except (GeneratorExit, asyncio.CancelledError):
-            if not self._logged:
-                self._log(Finish("cancelled", usage))  # the client went away mid-answer
+            if not self._logged:  # the client went away mid-answer
+                self.cause = self.cause or "client_disconnected"
+                self._log(Finish("cancelled", usage))
             raise
         except Exception:
             if not self._logged:

@@ -64,10 +64,12 @@ def _check_text(text: str, path: str) -> None:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:
+        # The path may hold the surrogate itself (a key): escape it, or the error cannot be sent.
+        where = path.encode("utf-8", "backslashreplace").decode("utf-8")
         raise BadRequest(
-            f"{path or 'the body'}: contains a lone UTF-16 surrogate "
+            f"{where or 'the body'}: contains a lone UTF-16 surrogate "
             f"({text[exc.start]!r} at offset {exc.start}); send valid Unicode",
-            param=path or None,
+            param=where or None,
         ) from None
 
 

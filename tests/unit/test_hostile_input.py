@@ -77,6 +77,9 @@ async def test_bad_fields_are_400_naming_the_field(
         (b'{"model":"a","messages":[{"role":"user","content":"\\ud800"}]}', "messages[0].content"),
         (b'{"model":"a","messages":[{"role":"user","content":"Hi","name":"\\udfff"}]}',
          "messages[0].name"),
+        # A lone surrogate in a key: the error names the key escaped (it must be encodable).
+        (b'{"model":"a","messages":[{"role":"user","content":"Hi"}],"\\ud800":null}',
+         "\\ud800"),
     ],
 )  # fmt: skip
 async def test_non_finite_numbers_and_lone_surrogates(
