@@ -104,17 +104,6 @@ class Engine(Protocol):
     async def load(self, path: Path, *, prewarm: bool = True) -> LoadedModel: ...
     async def unload(self) -> None: ...
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]: ...
-    def _drop_all(self, error: EngineFailure) -> None:
-        """End every waiting and running generation with ``error`` and drop the batch."""
-        gone = list(self._pending)
-        self._pending.clear()
-        if self._batch is not None:
-            gone += self._batch.abandon()
-            self._batch.close()
-            self._batch = None
-        for seq in gone:
-            seq.emit(error)
-
     async def memory(self) -> dict[str, int]: ...
     async def set_limits(self, memory_limit: int | None, wired_limit: int | None) -> None: ...
     async def evict_prefix_cache(self, max_bytes: int) -> int: ...
@@ -264,6 +253,17 @@ class MLXEngine:
         # to the OS so the next model (or the rest of the machine) can have it.
         gc.collect()
         mx.clear_cache()
+
+    def _drop_all(self, error: EngineFailure) -> None:
+        """End every waiting and running generation with ``error`` and drop the batch."""
+        gone = list(self._pending)
+        self._pending.clear()
+        if self._batch is not None:
+            gone += self._batch.abandon()
+            self._batch.close()
+            self._batch = None
+        for seq in gone:
+            seq.emit(error)
 
     def _drop_all(self, error: EngineFailure) -> None:
         """End every waiting and running generation with ``error`` and drop the batch."""
