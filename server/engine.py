@@ -265,17 +265,6 @@ class MLXEngine:
         for seq in gone:
             seq.emit(error)
 
-    def _drop_all(self, error: EngineFailure) -> None:
-        """End every waiting and running generation with ``error`` and drop the batch."""
-        gone = list(self._pending)
-        self._pending.clear()
-        if self._batch is not None:
-            gone += self._batch.abandon()
-            self._batch.close()
-            self._batch = None
-        for seq in gone:
-            seq.emit(error)
-
     async def memory(self) -> dict[str, int]:
         return dict(self._memory)
 
