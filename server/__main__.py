@@ -49,6 +49,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         keep_alive=getattr(args, "keep_alive", None),
         log_level=getattr(args, "log_level", None),
         prefix_cache_bytes=getattr(args, "prefix_cache", None),
+        max_concurrency=getattr(args, "max_concurrency", None),
     )
 
 
@@ -256,6 +257,11 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--preload", action="store_true", help="load the default model at startup")
     s.add_argument("--keep-alive", help="unload an idle model after this long, e.g. 10m")
     s.add_argument("--prefix-cache", help="bytes of KV cache kept for reuse, e.g. 2GB; 0 = off")
+    s.add_argument(
+        "--max-concurrency",
+        type=int,
+        help="most requests decoding together per model (MLXD_MAX_CONCURRENCY)",
+    )
     s.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     s.set_defaults(func=cmd_serve)
 

@@ -117,6 +117,9 @@ class ModelEntry(_Strict):
     )
     kv_bits: Literal[4, 8] | None = None
     prefill_step_size: int = Field(default=2048, ge=16)
+    max_concurrency: int | None = Field(
+        default=None, ge=1, description="most requests decoding together (default: the server's)"
+    )
     defaults: SamplingDefaults = Field(default_factory=SamplingDefaults)
     chat_template_kwargs: dict[str, Any] = Field(default_factory=dict)
     tags: list[str] = Field(default_factory=list)
@@ -228,6 +231,11 @@ def _default_config_path() -> Path:
     return local if local.is_file() else REPO_ROOT / "models.yaml"
 
 
+# Requests decoding together in one batch, unless models.yaml or --max-concurrency say otherwise
+# (see bench/results/*-concurrency: aggregate throughput still grows up to 16 streams).
+DEFAULT_MAX_CONCURRENCY = 16
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything the server needs to know, resolved once at startup."""
@@ -246,6 +254,7 @@ class Settings:
     log_level: str = "info"
     sse_ping_seconds: float = 5.0
     prefix_cache_bytes: str | None = None
+    max_concurrency: int = DEFAULT_MAX_CONCURRENCY
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Settings:
@@ -262,10 +271,13 @@ class Settings:
             "keep_alive": os.environ.get("MLXD_KEEP_ALIVE") or None,
             "log_level": os.environ.get("MLXD_LOG_LEVEL", "info"),
             "prefix_cache_bytes": os.environ.get("MLXD_PREFIX_CACHE") or None,
+            "max_concurrency": _env_int("MLXD_MAX_CONCURRENCY", DEFAULT_MAX_CONCURRENCY),
         }
         settings = cls(**env)
         explicit = {k: v for k, v in overrides.items() if v is not None}
         settings = replace(settings, **explicit)
+        if settings.max_concurrency < 1:
+            raise ConfigError(f"max concurrency must be >= 1: {settings.max_concurrency}")
         if not 0 <= settings.memory_reserve < 1:
             raise ConfigError(f"memory reserve must be in [0, 1): {settings.memory_reserve}")
         if settings.keep_alive is not None:

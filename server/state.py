@@ -63,6 +63,7 @@ class AppState:
             "resident_state": self.manager.state_of(resident).value if resident else None,
             "active_requests": self.manager.active,
             "queue_depth": self.manager.queue_depth,
+            "batch": self.manager.batch_status(),
             "swaps": self.manager.swaps,
             "memory": memory,
             "engine": self.engine.stats(),
