@@ -151,7 +151,6 @@ class MLXEngine:
                     self._drop_all(EngineFailure("the server is shutting down"))
                     return
                 job()
-                self._record_memory()
         except BaseException as exc:  # keep the cause for every later caller
             self._dead = exc
             log.exception("MLX worker thread died")
@@ -168,6 +167,7 @@ class MLXEngine:
         def job() -> None:
             try:
                 result = fn()
+                self._record_memory()  # before the caller resumes: it may read memory() next
             except Exception as exc:
                 loop.call_soon_threadsafe(_set_exception, future, exc)
             else:

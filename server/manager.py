@@ -377,8 +377,10 @@ class ModelManager:
             return
         self.states[old.id] = ModelState.UNLOADING
         log.info("unloading model %s", old.id)
-        self.residency = Residency()
-        await self.engine.unload()
+        try:
+            await self.engine.unload()
+        finally:
+            self.residency = Residency()
         self.states[old.id] = ModelState.UNLOADED
         if self.gate is not None:
             self.gate.unloaded(old)
