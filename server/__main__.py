@@ -77,6 +77,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         body_timeout=getattr(args, "body_timeout", None),
         max_connections=getattr(args, "max_connections", None),
         drain_timeout=getattr(args, "drain_timeout", None),
+        max_concurrency=getattr(args, "max_concurrency", None),
     )
 
 
@@ -316,6 +317,11 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--preload", action="store_true", help="load the default model at startup")
     s.add_argument("--keep-alive", help="unload an idle model after this long, e.g. 10m")
     s.add_argument("--prefix-cache", help="bytes of KV cache kept for reuse, e.g. 2GB; 0 = off")
+    s.add_argument(
+        "--max-concurrency",
+        type=int,
+        help="most requests decoding together per model (MLXD_MAX_CONCURRENCY)",
+    )
     s.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     s.add_argument("--log-format", choices=["text", "json"], default="text",
                    help="json: one JSON object per line (one per request)")  # fmt: skip

@@ -84,6 +84,7 @@ def build_state(settings: Settings, engine: Engine, models: ModelsFile | None = 
         queue_timeout=settings.queue_timeout,
         default_keep_alive=parse_duration(settings.keep_alive),
         gate=gate,
+        max_concurrency=settings.max_concurrency,
     )
     chat = ChatService(registry, manager, engine, gate)
     return AppState(

@@ -118,6 +118,9 @@ class ModelEntry(_Strict):
     )
     kv_bits: Literal[4, 8] | None = None
     prefill_step_size: int = Field(default=2048, ge=16)
+    max_concurrency: int | None = Field(
+        default=None, ge=1, description="most requests decoding together (default: the server's)"
+    )
     defaults: SamplingDefaults = Field(default_factory=SamplingDefaults)
     chat_template_kwargs: dict[str, Any] = Field(default_factory=dict)
     tags: list[str] = Field(default_factory=list)
@@ -263,6 +266,11 @@ def read_key_file(path: Path) -> tuple[str, ...]:
     return keys
 
 
+# Requests decoding together in one batch, unless models.yaml or --max-concurrency say otherwise
+# (see bench/results/*-concurrency: aggregate throughput still grows up to 16 streams).
+DEFAULT_MAX_CONCURRENCY = 16
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything the server needs to know, resolved once at startup."""
@@ -293,6 +301,7 @@ class Settings:
     body_timeout: float = 30.0  # seconds of silence allowed between two body chunks
     max_connections: int | None = None  # None: from the open-file limit
     drain_timeout: float = 30.0  # SIGTERM: running requests get this long to finish
+    max_concurrency: int = DEFAULT_MAX_CONCURRENCY
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Settings:
@@ -314,6 +323,7 @@ class Settings:
             "cors_origins": _env_list("MLXD_CORS_ORIGINS"),
             "insecure_no_auth": os.environ.get("MLXD_INSECURE_NO_AUTH", "") not in ("", "0"),
             "drain_timeout": _env_float("MLXD_DRAIN_TIMEOUT", 30.0),
+            "max_concurrency": _env_int("MLXD_MAX_CONCURRENCY", DEFAULT_MAX_CONCURRENCY),
         }
         key_file = overrides.pop("api_key_file", None) or os.environ.get("MLXD_API_KEY_FILE")
         settings = cls(**env)
@@ -322,6 +332,8 @@ class Settings:
         if key_file:
             keys = read_key_file(Path(key_file).expanduser())
             settings = replace(settings, api_keys=(*settings.api_keys, *keys))
+        if settings.max_concurrency < 1:
+            raise ConfigError(f"max concurrency must be >= 1: {settings.max_concurrency}")
         if not 0 <= settings.memory_reserve < 1:
             raise ConfigError(f"memory reserve must be in [0, 1): {settings.memory_reserve}")
         if settings.keep_alive is not None:

@@ -145,9 +145,9 @@ class StateCollector(Collector):
         memory = {
             "budget": ("Memory budget mlxd plans within", gate.budget.limit),
             "in_use": ("mlxd's share of the budget in use (measured)", reading.in_use),
-            "reserved": ("Estimated memory reserved by admitted requests", gate.reserved),
+            "reserved": ("Memory reserved by running sequences", manager.residency.reserved),
             "prefix_cache": ("KV cache kept for prefix reuse", gate.prefix_cache_bytes()),
-            "weights": ("Weights of the resident model", gate.resident_weights),
+            "weights": ("Weights of the resident model", manager.residency.weights),
             "available": ("Memory the OS can hand out now", snap.available),
             "total": ("Total memory (the cgroup limit inside a container)", snap.total),
             "swap_growth": ("Swap used beyond what was in use at start", reading.swap_growth),

@@ -84,6 +84,7 @@ class AppState:
             "active_requests": self.manager.active,
             "queue_depth": self.manager.queue_depth,
             "in_flight": self.inflight.count,
+            "batch": self.manager.batch_status(),
             "swaps": self.manager.swaps,
             "memory": memory,
             "engine": self.engine.stats(),

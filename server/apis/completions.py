@@ -28,7 +28,6 @@ from starlette.background import BackgroundTask
 
 from server.apis.common import app_state, chat_request, parse_body
 from server.chat import ChatRun, Finish
-from server.engine import GenerationChunk
 from server.errors import BadRequest, EngineFailure, MlxdError
 from server.protocol import ChatRequest, StreamOptions, dumps, usage_dict
 from server.render import SYSTEM_FINGERPRINT
@@ -177,8 +176,8 @@ def chat_fields(req: CompletionRequest, extra_stops: list[str]) -> dict[str, Any
     """
     if req.best_of is not None and req.best_of != 1:
         raise BadRequest("best_of > 1 is not supported", param="best_of")
-    if req.logprobs is not None and "logprob" not in GenerationChunk.__dataclass_fields__:
-        raise BadRequest("logprobs are not supported by this engine yet", param="logprobs")
+    if req.logprobs is not None:
+        raise BadRequest("logprobs are not supported on /v1/completions yet", param="logprobs")
     data = {name: getattr(req, name) for name in SAMPLING_FIELDS}
     data["messages"] = [{"role": "user", "content": ""}]
     if extra_stops:
