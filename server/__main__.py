@@ -28,9 +28,13 @@ class _LogFormatter(logging.Formatter):
         return text
 
 
-def setup_logging(level: str) -> None:
+def setup_logging(level: str, fmt: str = "text") -> None:
+    from server.limits import RateLimitFilter
+    from server.logfmt import JsonFormatter
+
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_LogFormatter())
+    handler.setFormatter(JsonFormatter() if fmt == "json" else _LogFormatter())
+    handler.addFilter(RateLimitFilter())  # a flood of one error is one line per interval
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -38,7 +42,21 @@ def setup_logging(level: str) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def _listed(values: list[str] | None) -> tuple[str, ...] | None:
+    """Repeated and comma-separated flag values (``--cors-origins a,b --cors-origins c``)."""
+    if not values:
+        return None
+    return tuple(item.strip() for value in values for item in value.split(",") if item.strip())
+
+
 def _settings(args: argparse.Namespace) -> Settings:
+    from server.memory import parse_size
+
+    body = getattr(args, "max_body_size", None)
+    try:
+        max_body = parse_size(body) if body else None
+    except ValueError as exc:
+        raise ConfigError(f"--max-body-size: {exc}") from None
     return Settings.from_env(
         host=getattr(args, "host", None),
         port=getattr(args, "port", None),
@@ -49,6 +67,17 @@ def _settings(args: argparse.Namespace) -> Settings:
         keep_alive=getattr(args, "keep_alive", None),
         log_level=getattr(args, "log_level", None),
         prefix_cache_bytes=getattr(args, "prefix_cache", None),
+        api_keys=tuple(getattr(args, "api_key", None) or ()) or None,
+        api_key_file=getattr(args, "api_key_file", None),
+        insecure_no_auth=True if getattr(args, "insecure_no_auth", False) else None,
+        allowed_hosts=_listed(getattr(args, "allowed_hosts", None)),
+        cors_origins=_listed(getattr(args, "cors_origins", None)),
+        max_body_bytes=max_body,
+        header_timeout=getattr(args, "header_timeout", None),
+        body_timeout=getattr(args, "body_timeout", None),
+        max_connections=getattr(args, "max_connections", None),
+        drain_timeout=getattr(args, "drain_timeout", None),
+        max_concurrency=getattr(args, "max_concurrency", None),
     )
 
 
@@ -79,12 +108,15 @@ def banner(settings: Settings, model_id: str, model_dir: Path) -> str:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
+    from uvicorn.config import LOGGING_CONFIG
 
+    from server import listener
     from server.app import create_app
+    from server.limits import connection_cap, raise_open_file_limit
 
     settings = _settings(args)
-    setup_logging(settings.log_level)
+    setup_logging(settings.log_level, args.log_format)
+    max_connections = connection_cap(raise_open_file_limit(), settings.max_connections)
     app = create_app(settings)
     state = app.state.mlxd
     default = state.registry.default
@@ -92,45 +124,74 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # so the first request does not pay for it.
     model_dir = state.registry.prepare_sync(default, progress=True)
     print(banner(settings, default.id, model_dir), file=sys.stderr, flush=True)
-    uvicorn.run(
+    config = listener.config(
         app,
         host=settings.host,
         port=settings.port,
         log_level="warning" if settings.log_level == "info" else settings.log_level,
-        access_log=False,
-        timeout_graceful_shutdown=5,
+        header_timeout=settings.header_timeout,
+        max_header_bytes=settings.max_header_bytes,
+        max_connections=max_connections,
+        drain_timeout=settings.drain_timeout,
+        # JSON: leave uvicorn's loggers to the root handler so every line is one object.
+        log_config=None if args.log_format == "json" else LOGGING_CONFIG,
     )
+    server = listener.DrainingServer(
+        config, settings.drain_timeout, state.drain_started, state.drain_expired
+    )
+    server.run()
     return 0
 
 
+AVAILABILITY_WORDS = {
+    "present": "present",
+    "too_big": "exceeds budget",
+    "download": "would download",
+    "import": "would import",
+    "missing": "missing",
+}
+
+
 def cmd_models(args: argparse.Namespace) -> int:
+    from server.gate import MemoryGate
+    from server.memory import compute_budget, format_size, parse_size, take_snapshot
     from server.registry import Registry
+    from server.router import Router
     from server.sources import ModelSources
 
     settings = _settings(args)
     models = load_models(settings.config_path)
     registry = Registry(models, ModelSources(settings.home, settings.config_path.parent))
+    snapshot = take_snapshot()
+    override = parse_size(settings.memory_budget) if settings.memory_budget else None
+    budget = compute_budget(snapshot, settings.memory_reserve, override)
+    router = Router(registry, MemoryGate(budget, snapshot=lambda: snapshot))
     default = registry.default.id
-    rows = []
-    for entry in registry.entries:
-        present = "yes" if registry.is_present(entry) else "no"
-        source = entry.source.model_dump()
-        rows.append(
-            (entry.id + (" *" if entry.id == default else ""), present, ",".join(entry.tags),
-             ", ".join(f"{k}={v}" for k, v in source.items()))
-        )  # fmt: skip
+    found = [(entry, router.availability(entry)) for entry in registry.entries]
     if args.json:
-        print(
-            json.dumps(
-                [dict(zip(("id", "present", "tags", "source"), r, strict=True)) for r in rows]
-            )
-        )
+        print(json.dumps([
+            {"id": e.id, "default": e.id == default, "present": a.status in ("present", "too_big"),
+             "availability": a.status, "detail": a.detail, "estimated_memory_bytes": a.memory,
+             "tags": e.tags, "source": e.source.model_dump()}
+            for e, a in found
+        ]))  # fmt: skip
         return 0
-    header = ("ID", "LOCAL", "TAGS", "SOURCE")
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(4)]
-    for row in [header, *rows]:
-        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
-    print("(* default)")
+    rows = [("ID", "STATUS", "NEEDS", "TAGS", "SOURCE")] + [
+        (e.id + (" *" if e.id == default else ""), AVAILABILITY_WORDS[a.status],
+         format_size(a.memory) if a.memory is not None else "?", ",".join(e.tags),
+         ", ".join(f"{k}={v}" for k, v in e.source.model_dump(exclude_none=True).items()))
+        for e, a in found
+    ]  # fmt: skip
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    print(f"* default · memory budget {format_size(budget.limit)} ({budget.basis}) · "
+          "NEEDS = weights + a 4K-token prompt and 1K-token answer")  # fmt: skip
+    for entry, available in found:
+        if available.status != "present":
+            print(f"  {entry.id}: {available.detail}")
+    if any(a.status == "download" for _, a in found):
+        print("models that would download are fetched on first use, or now with `mlxd pull ID`")
     return 0
 
 
@@ -256,11 +317,56 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--preload", action="store_true", help="load the default model at startup")
     s.add_argument("--keep-alive", help="unload an idle model after this long, e.g. 10m")
     s.add_argument("--prefix-cache", help="bytes of KV cache kept for reuse, e.g. 2GB; 0 = off")
+    s.add_argument(
+        "--max-concurrency",
+        type=int,
+        help="most requests decoding together per model (MLXD_MAX_CONCURRENCY)",
+    )
     s.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    s.add_argument("--log-format", choices=["text", "json"], default="text",
+                   help="json: one JSON object per line (one per request)")  # fmt: skip
+    s.add_argument(
+        "--api-key",
+        action="append",
+        metavar="KEY",
+        help="require this key (repeatable; MLXD_API_KEY=k1,k2)",
+    )
+    s.add_argument("--api-key-file", help="file with one API key per line (MLXD_API_KEY_FILE)")
+    s.add_argument(
+        "--insecure-no-auth",
+        action="store_true",
+        help="allow a non-loopback --host without an API key",
+    )
+    s.add_argument(
+        "--allowed-hosts",
+        action="append",
+        metavar="NAMES",
+        help="extra Host names to accept, comma-separated; '*' = any",
+    )
+    s.add_argument(
+        "--cors-origins",
+        action="append",
+        metavar="ORIGINS",
+        help="web origins allowed to call, comma-separated (default: none)",
+    )
+    s.add_argument("--max-body-size", help="largest request body, e.g. 32MB (default 32 MiB)")
+    s.add_argument("--header-timeout", type=float, help="seconds to send request headers (10)")
+    s.add_argument("--body-timeout", type=float, help="seconds between body chunks (30)")
+    s.add_argument(
+        "--max-connections",
+        type=int,
+        help="open connections at once (default: from the open-file limit)",
+    )
+    s.add_argument(
+        "--drain-timeout",
+        type=float,
+        help="on SIGTERM, seconds running requests get to finish (30)",
+    )
     s.set_defaults(func=cmd_serve)
 
-    m = sub.add_parser("models", help="list configured models and whether they are local")
+    m = sub.add_parser("models", help="configured models: present, would download, too big")
     common(m)
+    m.add_argument("--memory-budget", help="the budget to check against (as for serve)")
     m.add_argument("--json", action="store_true")
     m.set_defaults(func=cmd_models)
 

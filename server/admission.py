@@ -4,14 +4,19 @@
 :func:`server.estimate.estimate_request`) and how things stand (`State`: the budget, what the
 machine can still give, the resident model, pressure, the queue), it answers
 
-- ``admit``: the model is resident and the request fits beside what is running;
+- ``join``: the model is resident and the sequence fits beside the running batch (its KV cache
+  and working memory next to the reservations of the sequences already running, and the batch
+  is below ``max_concurrency``): it joins the batch now;
 - ``swap``: load the model (unloading the idle resident one, if any) and then run it;
-- ``wait``: it will fit once something finishes, the resident model goes idle, or the
-  memory pressure clears;
+- ``swap_after_drain``: another model is serving; let its batch drain (nothing new joins it
+  meanwhile, so the wait is bounded by what already runs), then swap;
+- ``wait``: it will fit once a running sequence finishes, or the memory pressure clears;
 - ``reject``: it never fits the budget, it exceeds the context, or the queue is full.
 
-Loading, unloading and queueing are the caller's: this module only decides, so every rule
-is a table row in the tests.
+Loading, unloading and queueing are the caller's (:mod:`server.manager` carries the decision
+out and keeps the one record of the resident model and its running sequences): this module
+only decides, so every rule is a table row in the tests. A waiting request reserves nothing;
+a sequence's reservation starts when it joins and ends when it leaves.
 """
 
 from __future__ import annotations
@@ -45,8 +50,9 @@ class Resident:
 
     model: str
     weights: int
-    active: int = 0  # requests admitted and not finished
+    active: int = 0  # sequences admitted and not finished (the running batch)
     reserved: int = 0  # the sum of their ``Need.request``
+    max_concurrency: int | None = None  # the most sequences the batch may hold
 
 
 @dataclass(frozen=True)
@@ -68,17 +74,19 @@ class State:
 
 
 class DecisionKind(str, Enum):
-    ADMIT = "admit"
+    JOIN = "join"
     WAIT = "wait"
     SWAP = "swap"
+    DRAIN = "swap_after_drain"
     REJECT = "reject"
 
 
 class Reason(str, Enum):
-    FITS = "fits"  # admit
+    FITS = "fits"  # join
     LOAD = "load"  # swap into an empty slot
     SWAP_IDLE = "swap_idle"  # swap out an idle model
-    RESIDENT_BUSY = "resident_busy"  # wait: another model is serving requests
+    RESIDENT_BUSY = "resident_busy"  # swap after drain: another model is serving requests
+    BATCH_FULL = "batch_full"  # wait: the batch holds max_concurrency sequences
     MEMORY_BUSY = "memory_busy"  # wait: this model's running requests hold the memory
     MACHINE_BUSY = "machine_busy"  # wait: other programs hold the memory
     PRESSURE = "memory_pressure"  # wait: the OS is short of memory
@@ -116,7 +124,8 @@ def decide(need: Need, state: State) -> Decision:
     if refused is not None:
         return refused
     decision = _place(need, state)
-    if decision.kind is DecisionKind.WAIT and state.queued >= state.queue_limit:
+    waits = decision.kind in (DecisionKind.WAIT, DecisionKind.DRAIN)
+    if waits and state.queued >= state.queue_limit:
         return Decision(
             DecisionKind.REJECT,
             Reason.OVERLOADED,
@@ -197,11 +206,20 @@ def _place(need: Need, state: State) -> Decision:
         )
     resident = state.resident
     if resident is not None and resident.model == need.model:
+        limit = resident.max_concurrency
+        if limit is not None and resident.active >= limit:
+            return Decision(
+                DecisionKind.WAIT,
+                Reason.BATCH_FULL,
+                f"the batch is full ({resident.active} of max_concurrency {limit} running)",
+                need.request,
+                0,
+            )
         planned = state.budget - resident.weights - resident.reserved
         room = min(planned, state.headroom)
         if need.request <= room:
             return Decision(
-                DecisionKind.ADMIT,
+                DecisionKind.JOIN,
                 Reason.FITS,
                 f"fits: {format_size(need.request)} of {format_size(room)} free",
                 need.request,
@@ -220,10 +238,10 @@ def _place(need: Need, state: State) -> Decision:
     total = need.weights + need.request
     if resident is not None and resident.active > 0:
         return Decision(
-            DecisionKind.WAIT,
+            DecisionKind.DRAIN,
             Reason.RESIDENT_BUSY,
             f"'{resident.model}' is serving {resident.active} request(s); "
-            f"'{need.model}' loads when it is idle",
+            f"'{need.model}' loads once they finish (nothing new joins them meanwhile)",
             total,
             state.headroom,
         )

@@ -8,6 +8,8 @@ first token (unknown model, context too long, memory) are raised before the SSE 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -22,8 +24,10 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.chat import ChatRun, ChatService
-from server.errors import BadRequest, MlxdError
-from server.protocol import ChatRequest
+from server.config import ModelEntry, parse_duration
+from server.errors import BadRequest, Forbidden, MlxdError, ShuttingDown
+from server.guard import caller_of
+from server.protocol import MAX_JSON_DEPTH, ChatRequest, check_json_value
 from server.render import completion, sse_events
 from server.state import AppState
 
@@ -31,29 +35,67 @@ log = logging.getLogger("mlxd.api")
 router = APIRouter()
 
 
-def field_path(loc: tuple[int | str, ...]) -> str:
-    """pydantic's ``("messages", 0, "content")`` → ``messages[0].content``.
+_TYPE_WORDS = {"str": "a string", "int": "an integer", "float": "a number", "bool": "a boolean",
+               "list": "an array", "dict": "an object", "none": "null"}  # fmt: skip
 
-    Union branches add type names to the location (``str``, ``list[TextPart]``,
-    ``function-after[...]``); they say nothing to a client and are dropped.
-    """
+
+def _is_branch(part: int | str) -> bool:
+    """pydantic names union branches in a location by type (``str``, ``list[TextPart]``,
+    ``literal['auto','none']``, ``function-after[...]``, ``NamedToolChoice``); a client never
+    wrote those names."""
+    if isinstance(part, int):
+        return False
+    return (
+        part.split("[")[0] in _TYPE_WORDS
+        or not part[:1].islower()
+        or any(c in part for c in "[]()-'")
+    )
+
+
+def field_path(loc: tuple[int | str, ...]) -> str:
+    """pydantic's ``("messages", 0, "content", "str")`` → ``messages[0].content``."""
     out = ""
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part[:1].islower() and not any(c in part for c in "[]()-"):
+        elif not _is_branch(part):
             out += f".{part}" if out else part
     return out
 
 
+def _branch_word(tag: str) -> str:
+    if tag.startswith("literal["):
+        return "one of " + tag[len("literal[") : -1].replace(",", ", ")
+    return _TYPE_WORDS.get(tag.split("[")[0], "an object")
+
+
 def validation_error(exc: ValidationError) -> BadRequest:
-    first = exc.errors()[0]
+    """The first problem, worded with the client's field names.
+
+    A value that fits no branch of a union (``content: 5``) fails every branch; that is one
+    problem ("must be a string or an array"). When the value has one branch's type but is wrong
+    inside it (a content part without ``text``), that inner problem is the one reported.
+    """
+    errors = exc.errors()
+    first = errors[0]
+    loc = tuple(first["loc"])
+    at = next((i for i, part in enumerate(loc) if _is_branch(part)), None)
+    group = [first]
+    message = first["msg"].removeprefix("Value error, ")
+    if at is not None:
+        group = [e for e in errors if len(e["loc"]) > at and tuple(e["loc"])[:at] == loc[:at]]
+        deepest = max(group, key=lambda e: len(e["loc"]))
+        if len(deepest["loc"]) > at + 1:
+            first, message = deepest, deepest["msg"]
+        else:
+            words = dict.fromkeys(_branch_word(str(e["loc"][at])) for e in group)
+            message = "must be " + " or ".join(words)
     where = field_path(tuple(first["loc"]))
-    message = first["msg"]
     if where:
         message = f"{where}: {message}"
-    if len(exc.errors()) > 1:
-        message += f" (and {len(exc.errors()) - 1} more problem(s))"
+    others = len(errors) - len(group)
+    if others > 0:
+        message += f" (and {others} more problem(s))"
     return BadRequest(message, param=where or None)
 
 
@@ -67,10 +109,13 @@ async def read_json_object(request: Request) -> dict[str, Any]:
     body = await request.body()
     try:
         data: Any = json.loads(body)
+    except RecursionError:
+        raise BadRequest(f"the request body nests deeper than {MAX_JSON_DEPTH} levels") from None
     except ValueError as exc:
         raise BadRequest(f"the request body is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise BadRequest("the request body must be a JSON object")
+    check_json_value(data)
     return data
 
 
@@ -97,18 +142,89 @@ def sse_response(
     )
 
 
+def check_model_changes(request: Request, chat: ChatRequest, entry: ModelEntry) -> None:
+    """Unloading (``keep_alive: 0``) and downloading a model are for trusted callers only.
+
+    Trusted: a request with a valid API key, or, when no keys are configured, a local client
+    that is not a web page (no ``Origin``). A page allowed by ``--cors-origins`` may chat but
+    not unload the model or start a multi-GB download.
+    """
+    if caller_of(request.scope).trusted:
+        return
+    try:
+        unloads = chat.keep_alive is not None and parse_duration(chat.keep_alive) == 0
+    except ValueError:
+        unloads = False  # prepare() reports the bad value
+    if unloads:
+        raise Forbidden(
+            "keep_alive: 0 unloads the model; only a client with an API key may do that",
+            param="keep_alive",
+        )
+    if not _state(request).registry.is_present(entry):
+        raise Forbidden(
+            f"model {entry.id!r} is not downloaded yet; a web page cannot start the download "
+            "(run `mlxd pull`, or send the request with an API key)",
+            param="model",
+        )
+
+
+async def until_disconnected(request: Request, run: ChatRun) -> dict[str, Any] | None:
+    """The folded completion, or None if the client went away first (the run is cancelled
+    within one token, so nobody's GPU time goes to an answer no one will read)."""
+    task = asyncio.ensure_future(completion(run))
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        task.cancel()
+        raise
+    finally:
+        gone.cancel()
+    if task.done():
+        return task.result()
+    run.cancel(cause="client_disconnected")
+    with contextlib.suppress(Exception):
+        await task
+    return None
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request) -> Response:
     state = _state(request)
+    if state.draining:
+        raise ShuttingDown("the server is shutting down; retry shortly")
     chat_request = await parse_chat_request(request)
     service: ChatService = state.chat
     entry = state.router.pick(chat_request)
-    run = await service.start(chat_request, entry)
+    check_model_changes(request, chat_request, entry)
+    slot = state.inflight.enter()
+    try:
+        run = await service.start(chat_request, entry)
+    except BaseException:
+        slot.release()
+        raise
+    run.on_close(slot.release)
+    if request.client is not None:
+        run.client = f"{request.client.host}:{request.client.port}"
     headers = {"x-mlxd-model": run.model}
     if chat_request.stream:
         events = sse_events(run, chat_request.include_usage)
         return sse_response(events, run, state.settings.sse_ping_seconds, headers)
-    return JSONResponse(await completion(run), headers=headers)
+    body = await until_disconnected(request, run)
+    if body is None:
+        return Response(status_code=499)  # nobody is listening; nginx's "client closed"
+    if run.cause == "shutdown":
+        done = body["usage"]["completion_tokens"]
+        raise ShuttingDown(
+            f"the server shut down before the completion finished ({done} tokens were "
+            "generated); retry the request"
+        )
+    return JSONResponse(body, headers=headers)
 
 
 @router.get("/v1/models")
@@ -123,7 +239,7 @@ async def get_model(request: Request, model_id: str) -> dict[str, Any]:
     return state.describe_model(state.registry.get(model_id))
 
 
-@router.get("/health")
+@router.api_route("/health", methods=["GET", "HEAD"])
 async def health(request: Request) -> dict[str, Any]:
     return await _state(request).health()
 

@@ -20,12 +20,16 @@ from server.chat import ChatService
 from server.config import ConfigError, ModelsFile, Settings, load_models, parse_duration
 from server.engine import Engine, MLXEngine
 from server.gate import MemoryGate, PressureMonitor
+from server.guard import Guard, check_exposure
+from server.limits import InflightLimit, RequestLimits
 from server.manager import ModelManager
 from server.memory import PressureReading
+from server.metrics import Metrics, MetricsMiddleware
 from server.registry import Registry
 from server.router import Router
 from server.sources import ModelSources
 from server.state import AppState
+from server.status import router as status_router
 
 log = logging.getLogger("mlxd.app")
 
@@ -80,6 +84,7 @@ def build_state(settings: Settings, engine: Engine, models: ModelsFile | None = 
         queue_timeout=settings.queue_timeout,
         default_keep_alive=parse_duration(settings.keep_alive),
         gate=gate,
+        max_concurrency=settings.max_concurrency,
     )
     chat = ChatService(registry, manager, engine, gate)
     return AppState(
@@ -91,6 +96,8 @@ def build_state(settings: Settings, engine: Engine, models: ModelsFile | None = 
         router=Router(registry, gate),
         gate=gate,
         started=time.time(),
+        # The engine runs one generation at a time: one running plus the queue.
+        inflight=InflightLimit(settings.queue_size + 1),
     )
 
 
@@ -99,6 +106,7 @@ def create_app(
     engine_factory: EngineFactory = default_engine,
     models: ModelsFile | None = None,
 ) -> FastAPI:
+    check_exposure(settings)
     engine = engine_factory(settings)
     state = build_state(settings, engine, models)
 
@@ -130,7 +138,20 @@ def create_app(
 
     app = FastAPI(title="mlxd", version=__version__, lifespan=lifespan)
     app.state.mlxd = state
+    metrics = Metrics(state)
+    state.chat.observers.append(metrics.observe_request)
+    app.state.metrics = metrics
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.include_router(router)
+    app.include_router(status_router)
     apis.install(app)
     install_error_handlers(app)
+    # Added last = outermost: who may call is decided before the body is even looked at.
+    app.add_middleware(
+        RequestLimits,
+        max_bytes=settings.max_body_bytes,
+        timeout=settings.body_timeout,
+        max_header_bytes=settings.max_header_bytes,
+    )
+    app.add_middleware(Guard, settings=settings)
     return app

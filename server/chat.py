@@ -11,11 +11,14 @@ imports FastAPI.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
+import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +26,9 @@ from server.config import ModelEntry, parse_duration
 from server.engine import Engine, GenerationRequest, SamplingParams
 from server.errors import BadRequest, ContextLengthExceeded
 from server.gate import MemoryGate, RequestNeed
+from server.logfmt import REQUEST_FIELD
 from server.manager import KeepAlive, ModelManager
+from server.observe import RequestRecord
 from server.parsers.forcing import BanTokens, PrefixForcer, ToolCallFormat, forced_prefix
 from server.parsers.hermes import HermesToolParser, ToolCallDelta
 from server.parsers.reasoning import ThinkSplitter, prompt_opens_reasoning
@@ -34,6 +39,10 @@ from server.stops import StopMatcher
 log = logging.getLogger("mlxd.chat")
 
 OPENAI_DEFAULTS = SamplingParams(temperature=1.0, top_p=1.0)
+MAX_KEEP_ALIVE = 366 * 86400.0  # beyond a year, say -1 (forever)
+# No tokenizer packs more than this many characters into one token on average, so a prompt
+# longer than context × this is refused before spending seconds of CPU tokenizing it.
+MAX_CHARS_PER_TOKEN = 100
 
 
 @dataclass
@@ -93,8 +102,10 @@ class ChatRun:
         prepared: Prepared,
         engine: Engine,
         exit_stack: contextlib.AsyncExitStack,
+        observers: Sequence[Callable[[RequestRecord], None]] = (),
     ) -> None:
         self.id = completion_id()
+        self._observers = observers
         self.created = now()
         self.prepared = prepared
         self.model = prepared.entry.id
@@ -114,24 +125,43 @@ class ChatRun:
         )
         self.first_token_at: float | None = None
         self.started_at = time.perf_counter()
+        self.client = "-"  # who asked (address:port), for the log line
+        # Why the run was ended early, if it was: client_disconnected, shutdown, memory_pressure.
+        self.cause: str | None = None
+        self._logged = False
 
     def _log(self, finish: Finish) -> None:
-        """One line per request: what ran and how fast (the server's access log)."""
-        end = time.perf_counter()
+        """One record per request at its end, cancelled or not: the log line, /metrics and the
+        status page read it (who, what ran, how fast, why)."""
+        self._logged = True
         u = finish.usage
-        ttft = (self.first_token_at or end) - self.started_at
-        decode = end - (self.first_token_at or end)
-        rate = (u.completion_tokens - 1) / decode if u.completion_tokens > 1 and decode else 0.0
+        record = RequestRecord.measure(
+            id=self.id, model=self.model, prompt_tokens=u.prompt_tokens,
+            cached_tokens=u.cached_tokens, completion_tokens=u.completion_tokens,
+            started=self.started_at, first_token=self.first_token_at, end=time.perf_counter(),
+            finish=finish.reason, client=self.client, cause=self.cause,
+        )  # fmt: skip
+        for observe in self._observers:
+            observe(record)
         log.info(
-            "chat id=%s model=%s prompt=%d cached=%d completion=%d ttft_ms=%.0f "
-            "decode_tok_s=%.1f finish=%s",
-            self.id, self.model, u.prompt_tokens, u.cached_tokens, u.completion_tokens,
-            ttft * 1000, rate, finish.reason,
+            "chat id=%s client=%s model=%s prompt=%d cached=%d completion=%d ttft_ms=%.0f "
+            "decode_tok_s=%.1f finish=%s%s",
+            self.id, self.client, self.model, u.prompt_tokens, u.cached_tokens,
+            u.completion_tokens, (record.ttft_s or 0.0) * 1000, record.decode_tok_s,
+            finish.reason, f" cancelled={self.cause}" if self.cause else "",
+            extra={REQUEST_FIELD: record.to_log()},
         )  # fmt: skip
 
-    def cancel(self, reason: str = "cancelled") -> None:
+    def cancel(self, reason: str = "cancelled", cause: str | None = None) -> None:
+        """End the generation within one token; ``reason`` becomes its finish reason."""
+        if cause is not None and self.cause is None:
+            self.cause = cause
         self.request.cancel_reason = reason
         self.request.cancel.set()
+
+    def on_close(self, callback: Any) -> None:
+        """Run ``callback`` when the run is closed (however it ends)."""
+        self._stack.callback(callback)
 
     async def aclose(self) -> None:
         self.request.cancel.set()
@@ -162,10 +192,10 @@ class ChatRun:
                 invalid += tail.invalidated
             return Delta(content, reasoning, calls, invalid)
 
+        finish_reason = "stop"
+        stop_sequence: str | None = None
+        usage = Usage(len(p.prompt), 0, 0)
         try:
-            finish_reason = "stop"
-            stop_sequence = None
-            usage = Usage(len(p.prompt), 0, 0)
             async for chunk in self._engine.generate(self.request):
                 if self.first_token_at is None:
                     self.first_token_at = time.perf_counter()
@@ -201,7 +231,19 @@ class ChatRun:
             finish = Finish(finish_reason, usage, stop_sequence)
             self._log(finish)
             yield finish
+        except (GeneratorExit, asyncio.CancelledError):
+            if not self._logged:  # the client went away mid-answer
+                self.cause = self.cause or "client_disconnected"
+                self._log(Finish("cancelled", usage))
+            raise
+        except Exception:
+            if not self._logged:
+                self._log(Finish("error", usage))
+            raise
         finally:
+            if not self._logged:  # the consumer stopped early: the client went away
+                self.cause = self.cause or "client_disconnected"
+                self._log(Finish("cancelled", usage))
             await self.aclose()
 
 
@@ -218,11 +260,13 @@ class ChatService:
         self.engine = engine
         self.gate = gate
         self.running: set[ChatRun] = set()
+        # Called once per finished request (metrics, the status page's recent requests).
+        self.observers: list[Callable[[RequestRecord], None]] = []
 
-    def end_running(self, reason: str) -> int:
-        """Finish every running generation early (memory pressure); returns how many."""
+    def end_running(self, reason: str, cause: str = "memory_pressure") -> int:
+        """Finish every running generation early (memory pressure, shutdown); how many."""
         for run in list(self.running):
-            run.cancel(reason)
+            run.cancel(reason, cause)
         return len(self.running)
 
     async def start(
@@ -245,7 +289,7 @@ class ChatService:
         except BaseException:
             await stack.aclose()
             raise
-        run = ChatRun(prepared, self.engine, stack)
+        run = ChatRun(prepared, self.engine, stack, self.observers)
         self.running.add(run)
         stack.callback(self.running.discard, run)
         return run
@@ -265,27 +309,39 @@ class ChatService:
         value, like Claude Code's 32000), instead of an error."""
         tokenizer = await self.registry.tokenizer(entry)
         config = await self.registry.config(entry)
+        vocab = vocab_size(config, tokenizer)
+        check_against_model(request, vocab)
+        keep_alive = request_keep_alive(request)
         tools = [t.model_dump(exclude_none=True) for t in request.tools or []] or None
         if raw_prompt is not None:
             tools = None
         choice = request.tool_choice
         render_tools = tools if choice != "none" else None
-        if raw_prompt is None:
-            prompt_text = render_prompt(tokenizer, request, entry, render_tools)
-            prompt = list(tokenizer.encode(prompt_text, add_special_tokens=False))
-        else:
-            prompt_text, prompt = "", list(raw_prompt)
         context = context_limit(entry, config)
+
+        def render_and_encode() -> tuple[str, list[int], list[Any]]:
+            if raw_prompt is not None:
+                return "", list(raw_prompt), []
+            with tokenizer_lock(tokenizer):
+                text = render_prompt(tokenizer, request, entry, render_tools)
+                if len(text) > context * MAX_CHARS_PER_TOKEN:
+                    raise ContextLengthExceeded(
+                        f"This model's maximum context length is {context} tokens; the messages "
+                        f"are {len(text)} characters, far more than that. Shorten the messages.",
+                        param="messages",
+                    )
+                ids = list(tokenizer.encode(text, add_special_tokens=False))
+                return text, ids, tool_choice_processors(tokenizer, text, choice, tools)
+
+        # Rendering and tokenizing take time in proportion to the prompt (seconds for a few
+        # MB): off the event loop, so running streams and /health are not held up.
+        prompt_text, prompt, processors = await asyncio.to_thread(render_and_encode)
         max_tokens = resolve_max_tokens(request, entry, len(prompt), context, cap_max_tokens)
-        processors = tool_choice_processors(tokenizer, prompt_text, choice, tools)
         starts_in_reasoning = tokenizer.has_thinking and prompt_opens_reasoning(prompt_text)
-        keep_alive = None
-        if request.keep_alive is not None:
-            try:
-                keep_alive = KeepAlive(parse_duration(request.keep_alive))
-            except ValueError as exc:
-                raise BadRequest(str(exc), param="keep_alive") from None
         sampling = sampling_for(request, entry, self.registry.generation_defaults(entry))
+        if not 0 < sampling.top_k < vocab:
+            # top_k >= the vocabulary keeps every token: the same as no top_k (mlx-lm refuses it).
+            sampling = dataclasses.replace(sampling, top_k=0)
         need = None
         if self.gate is not None:
             need = self.gate.need_for(
@@ -310,6 +366,48 @@ class ChatService:
             parallel_tool_calls=request.parallel_tool_calls is not False,
             raw=raw_prompt is not None,
         )
+
+
+_TOKENIZER_LOCKS: dict[int, threading.Lock] = {}
+
+
+def tokenizer_lock(tokenizer: Any) -> threading.Lock:
+    """One lock per tokenizer: HF fast tokenizers are not safe to drive from two threads."""
+    return _TOKENIZER_LOCKS.setdefault(id(tokenizer), threading.Lock())
+
+
+def vocab_size(config: dict[str, Any], tokenizer: Any) -> int:
+    """The number of logits the model produces: valid token ids are ``0 <= id < vocab``."""
+    for source in (config, config.get("text_config") or {}):
+        value = source.get("vocab_size")
+        if isinstance(value, int) and value > 0:
+            return value
+    return len(tokenizer.get_vocab())
+
+
+def check_against_model(request: ChatRequest, vocab: int) -> None:
+    """Token ids must exist in this model's vocabulary (an id past it corrupts memory in MLX)."""
+    for key in request.logit_bias or {}:
+        if len(key) > 12 or not 0 <= int(key) < vocab:
+            raise BadRequest(
+                f"logit_bias: token id {key} is not in this model's vocabulary "
+                f"(valid ids: 0..{vocab - 1})",
+                param="logit_bias",
+            )
+
+
+def request_keep_alive(request: ChatRequest) -> KeepAlive | None:
+    if request.keep_alive is None:
+        return None
+    try:
+        seconds = parse_duration(request.keep_alive)
+    except ValueError as exc:
+        raise BadRequest(f"keep_alive: {exc}", param="keep_alive") from None
+    if seconds is not None and seconds > MAX_KEEP_ALIVE:
+        raise BadRequest(
+            "keep_alive: at most 366 days; use -1 to keep the model loaded", param="keep_alive"
+        )
+    return KeepAlive(seconds)
 
 
 def template_messages(messages: list[Message]) -> list[dict[str, Any]]:

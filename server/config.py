@@ -118,6 +118,9 @@ class ModelEntry(_Strict):
     )
     kv_bits: Literal[4, 8] | None = None
     prefill_step_size: int = Field(default=2048, ge=16)
+    max_concurrency: int | None = Field(
+        default=None, ge=1, description="most requests decoding together (default: the server's)"
+    )
     defaults: SamplingDefaults = Field(default_factory=SamplingDefaults)
     chat_template_kwargs: dict[str, Any] = Field(default_factory=dict)
     tags: list[str] = Field(default_factory=list)
@@ -244,6 +247,30 @@ def _default_config_path() -> Path:
     return local if local.is_file() else REPO_ROOT / "models.yaml"
 
 
+def _env_list(name: str) -> tuple[str, ...]:
+    """A comma-separated variable (``MLXD_API_KEY=k1,k2``) as a tuple, blanks dropped."""
+    return tuple(item.strip() for item in os.environ.get(name, "").split(",") if item.strip())
+
+
+def read_key_file(path: Path) -> tuple[str, ...]:
+    """API keys from a file: one per line; blank lines and ``#`` comments are skipped."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read the API key file {path}: {exc.strerror or exc}") from None
+    keys = tuple(
+        s.strip() for s in text.splitlines() if s.strip() and not s.strip().startswith("#")
+    )
+    if not keys:
+        raise ConfigError(f"the API key file {path} holds no key")
+    return keys
+
+
+# Requests decoding together in one batch, unless models.yaml or --max-concurrency say otherwise
+# (see bench/results/*-concurrency: aggregate throughput still grows up to 16 streams).
+DEFAULT_MAX_CONCURRENCY = 16
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything the server needs to know, resolved once at startup."""
@@ -262,6 +289,19 @@ class Settings:
     log_level: str = "info"
     sse_ping_seconds: float = 5.0
     prefix_cache_bytes: str | None = None
+    # Who may call (server.guard): keys, extra Host names, cross-origin pages allowed.
+    api_keys: tuple[str, ...] = ()
+    insecure_no_auth: bool = False
+    allowed_hosts: tuple[str, ...] = ()
+    cors_origins: tuple[str, ...] = ()
+    # How much and how slowly (server.limits, server.listener).
+    max_body_bytes: int = 32 << 20
+    max_header_bytes: int = 64 << 10
+    header_timeout: float = 10.0  # seconds to send a request line and headers
+    body_timeout: float = 30.0  # seconds of silence allowed between two body chunks
+    max_connections: int | None = None  # None: from the open-file limit
+    drain_timeout: float = 30.0  # SIGTERM: running requests get this long to finish
+    max_concurrency: int = DEFAULT_MAX_CONCURRENCY
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Settings:
@@ -278,10 +318,22 @@ class Settings:
             "keep_alive": os.environ.get("MLXD_KEEP_ALIVE") or None,
             "log_level": os.environ.get("MLXD_LOG_LEVEL", "info"),
             "prefix_cache_bytes": os.environ.get("MLXD_PREFIX_CACHE") or None,
+            "api_keys": _env_list("MLXD_API_KEY"),
+            "allowed_hosts": _env_list("MLXD_ALLOWED_HOSTS"),
+            "cors_origins": _env_list("MLXD_CORS_ORIGINS"),
+            "insecure_no_auth": os.environ.get("MLXD_INSECURE_NO_AUTH", "") not in ("", "0"),
+            "drain_timeout": _env_float("MLXD_DRAIN_TIMEOUT", 30.0),
+            "max_concurrency": _env_int("MLXD_MAX_CONCURRENCY", DEFAULT_MAX_CONCURRENCY),
         }
+        key_file = overrides.pop("api_key_file", None) or os.environ.get("MLXD_API_KEY_FILE")
         settings = cls(**env)
         explicit = {k: v for k, v in overrides.items() if v is not None}
         settings = replace(settings, **explicit)
+        if key_file:
+            keys = read_key_file(Path(key_file).expanduser())
+            settings = replace(settings, api_keys=(*settings.api_keys, *keys))
+        if settings.max_concurrency < 1:
+            raise ConfigError(f"max concurrency must be >= 1: {settings.max_concurrency}")
         if not 0 <= settings.memory_reserve < 1:
             raise ConfigError(f"memory reserve must be in [0, 1): {settings.memory_reserve}")
         if settings.keep_alive is not None:
@@ -289,6 +341,10 @@ class Settings:
                 parse_duration(settings.keep_alive)
             except ValueError as exc:
                 raise ConfigError(f"keep_alive: {exc}") from None
+        if settings.drain_timeout < 0:
+            raise ConfigError(f"drain timeout must be >= 0: {settings.drain_timeout}")
+        if settings.max_body_bytes < 1024:
+            raise ConfigError(f"max body size must be at least 1 KiB: {settings.max_body_bytes}")
         return settings
 
     @property

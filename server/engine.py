@@ -1,13 +1,20 @@
-"""Generation on one dedicated MLX thread.
+"""Generation on one dedicated MLX thread, requests decoding together in one batch.
 
 MLX work (loading, prefill, decode, freeing) happens on a single worker thread: MLX streams and
 caches are not meant to be driven from several threads, and a single owner makes "one model
 resident" a fact rather than a convention. The asyncio side submits jobs and pulls
 :class:`GenerationChunk` objects from an ``asyncio.Queue`` fed with ``call_soon_threadsafe``.
 
-Jobs run in submission order, so requests wait their turn and none is lost. A job that raises
-sends the error to its caller and the worker goes on with the next job; if the worker itself
-dies, every pending and later caller gets :class:`EngineFailure` instead of waiting forever.
+Generations join a running batch (:mod:`server.batching`, on mlx-lm's ``BatchGenerator``) and
+leave it between steps; control jobs (load, limits, eviction) run between steps too. A request
+that cannot share a batch (a fixed sampling seed, a quantized KV cache) waits for the batch to
+drain and runs alone, and the log says why. Who may join, and when, is the manager's decision
+(memory admission, ``max_concurrency``); the engine runs what it is given.
+
+``memory()`` and ``stats()`` never wait behind generation: they return what the worker last
+recorded. A generation whose processor raises gets the error and the batch goes on; if the
+worker itself dies, every pending and later caller gets :class:`EngineFailure` instead of
+waiting forever.
 """
 
 from __future__ import annotations
@@ -18,13 +25,16 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+from server.batching import Batch, keep_cache, sampling_parts, solo_reason
 from server.errors import EngineFailure, ModelLoadFailed
 from server.prefix_cache import PrefixCache
+from server.sequence import Sequence
 
 log = logging.getLogger("mlxd.engine")
 
@@ -62,6 +72,8 @@ class GenerationRequest:
     cancel: threading.Event = field(default_factory=threading.Event)
     # Why the caller cancelled, reported as the finish reason.
     cancel_reason: str = "cancelled"
+    # Log-probabilities in the chunks: None = off, k = the sampled token's plus k alternatives.
+    logprobs: int | None = None
     # A continuation of raw text (/v1/completions): its first token's leading space is output.
     keep_leading_space: bool = False
 
@@ -76,6 +88,9 @@ class GenerationChunk:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
+    logprob: float | None = None  # of ``token``, when the request asked for logprobs
+    top_logprobs: list[tuple[int, float]] | None = None  # (token id, logprob), best first
+    peak_bytes: int = 0  # final chunk: MLX peak memory seen while this request was in flight
 
 
 @dataclass(frozen=True)
@@ -110,9 +125,15 @@ class MLXEngine:
         self._dead: BaseException | None = None
         self._model: Any = None
         self._path: Path | None = None
+        self._batch: Batch | None = None
+        self._pending: deque[Sequence] = deque()  # joined, not yet in the batch (FIFO)
+        self._wired_limit: int | None = None
         self.prefix_cache = PrefixCache(prefix_cache_bytes)
         self.generations = 0
         self.tokens_generated = 0
+        self.solo_runs = 0
+        self._peak = 0
+        self._memory: dict[str, int] = {"active": 0, "cache": 0, "peak": 0, "prefix_cache": 0}
         self._waiting: set[Callable[[BaseException], None]] = set()
         self._thread = threading.Thread(target=self._run, name="mlxd-mlx", daemon=True)
         self._thread.start()
@@ -122,8 +143,14 @@ class MLXEngine:
     def _run(self) -> None:
         try:
             while True:
-                job = self._jobs.get()
+                busy = bool(self._pending) or bool(self._batch and len(self._batch))
+                try:
+                    job = self._jobs.get_nowait() if busy else self._jobs.get()
+                except queue.Empty:
+                    self._step()
+                    continue
                 if isinstance(job, _Stop):
+                    self._drop_all(EngineFailure("the server is shutting down"))
                     return
                 job()
         except BaseException as exc:  # keep the cause for every later caller
@@ -134,7 +161,7 @@ class MLXEngine:
                 notify(EngineFailure(f"the MLX worker thread died: {exc!r}"))
 
     async def _call(self, fn: Callable[[], T]) -> T:
-        """Run ``fn`` on the MLX thread and await its result."""
+        """Run ``fn`` on the MLX thread (between batch steps) and await its result."""
         self._check_alive()
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
@@ -142,6 +169,7 @@ class MLXEngine:
         def job() -> None:
             try:
                 result = fn()
+                self._record_memory()  # before the caller resumes: it may read memory() next
             except Exception as exc:
                 loop.call_soon_threadsafe(_set_exception, future, exc)
             else:
@@ -153,6 +181,18 @@ class MLXEngine:
     def _check_alive(self) -> None:
         if self._dead is not None or not self._thread.is_alive():
             raise EngineFailure(f"the MLX worker thread is not running ({self._dead!r})")
+
+    def _record_memory(self) -> None:
+        """Refresh the snapshot ``memory()`` returns (written here, read by the event loop)."""
+        import mlx.core as mx
+
+        self._peak = max(self._peak, int(mx.get_peak_memory()))
+        self._memory = {
+            "active": int(mx.get_active_memory()),
+            "cache": int(mx.get_cache_memory()),
+            "peak": self._peak,
+            "prefix_cache": self.prefix_cache.nbytes,
+        }
 
     # ---- model lifecycle -----------------------------------------------------------------
 
@@ -167,6 +207,7 @@ class MLXEngine:
             self._unload()
         start = time.perf_counter()
         mx.reset_peak_memory()
+        self._peak = 0
         try:
             model, config = load_model(path)
         except Exception as exc:
@@ -175,6 +216,9 @@ class MLXEngine:
         if prewarm:
             self._prewarm(model)
         self._model, self._path = model, path
+        self._batch = Batch(model, self.prefix_cache)
+        if self._wired_limit:  # the generator sets mlx-lm's recommended limit; keep ours
+            self._apply_wired_limit(self._wired_limit)
         return LoadedModel(
             path=path,
             config=config,
@@ -202,6 +246,7 @@ class MLXEngine:
     def _unload(self) -> None:
         import mlx.core as mx
 
+        self._drop_all(EngineFailure("the model was unloaded during generation"))
         self.prefix_cache.clear()
         self._model = None
         self._path = None
@@ -211,18 +256,19 @@ class MLXEngine:
         gc.collect()
         mx.clear_cache()
 
+    def _drop_all(self, error: EngineFailure) -> None:
+        """End every waiting and running generation with ``error`` and drop the batch."""
+        gone = list(self._pending)
+        self._pending.clear()
+        if self._batch is not None:
+            gone += self._batch.abandon()
+            self._batch.close()
+            self._batch = None
+        for seq in gone:
+            seq.emit(error)
+
     async def memory(self) -> dict[str, int]:
-        def read() -> dict[str, int]:
-            import mlx.core as mx
-
-            return {
-                "active": int(mx.get_active_memory()),
-                "cache": int(mx.get_cache_memory()),
-                "peak": int(mx.get_peak_memory()),
-                "prefix_cache": self.prefix_cache.nbytes,
-            }
-
-        return await self._call(read)
+        return dict(self._memory)
 
     async def set_limits(self, memory_limit: int | None, wired_limit: int | None) -> None:
         def apply() -> None:
@@ -231,12 +277,19 @@ class MLXEngine:
             if memory_limit:
                 mx.set_memory_limit(memory_limit)
             if wired_limit:
-                try:
-                    mx.set_wired_limit(wired_limit)
-                except Exception as exc:  # only Metal has a wired limit
-                    log.debug("wired limit not set: %s", exc)
+                self._wired_limit = wired_limit
+                self._apply_wired_limit(wired_limit)
 
         await self._call(apply)
+
+    @staticmethod
+    def _apply_wired_limit(limit: int) -> None:
+        import mlx.core as mx
+
+        try:
+            mx.set_wired_limit(limit)
+        except Exception as exc:  # only Metal has a wired limit
+            log.debug("wired limit not set: %s", exc)
 
     async def evict_prefix_cache(self, max_bytes: int) -> int:
         def evict() -> int:
@@ -250,16 +303,27 @@ class MLXEngine:
 
     def stats(self) -> dict[str, int]:
         """Counters for /health; plain ints written by the worker, read without locking."""
+        batch = self._batch
         return {
             "generations": self.generations,
             "tokens_generated": self.tokens_generated,
+            "batch_size": len(batch) if batch is not None else 0,
+            "batch_pending": len(self._pending),
+            "batch_steps": batch.steps if batch is not None else 0,
+            "interleaved_prefill_steps": batch.interleaved_steps if batch is not None else 0,
+            "prefill_chunk_while_decoding": batch.chunk if batch is not None else 0,
+            "solo_runs": self.solo_runs,
             "prefix_cache_hits": self.prefix_cache.hits,
             "prefix_cache_reused_tokens": self.prefix_cache.reused_tokens,
             "prefix_cache_bytes": self.prefix_cache.nbytes,
         }
 
     def close(self) -> None:
+        """Stop the worker after its current step (and wait briefly, so the interpreter does
+        not exit while MLX is still computing on it)."""
         self._jobs.put(_Stop())
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout=10)
 
     # ---- generation ----------------------------------------------------------------------
 
@@ -271,14 +335,8 @@ class MLXEngine:
         def emit(item: GenerationChunk | BaseException) -> None:
             loop.call_soon_threadsafe(out.put_nowait, item)
 
-        def job() -> None:
-            try:
-                self._generate(request, emit)
-            except Exception as exc:
-                emit(exc)
-
         self._waiting.add(emit)
-        self._jobs.put(job)
+        self._jobs.put(lambda: self._join(Sequence(request, emit)))
         try:
             while True:
                 item = await out.get()
@@ -293,106 +351,100 @@ class MLXEngine:
                     return
         finally:
             self._waiting.discard(emit)
-            # Client gone or consumer stopped early: the worker sees this within one token.
+            # Client gone or consumer stopped early: the worker sees this before its next step.
             request.cancel.set()
 
-    def _generate(self, req: GenerationRequest, emit: Callable[[GenerationChunk], None]) -> None:
+    def _join(self, seq: Sequence) -> None:
+        if self._model is None:
+            seq.emit(EngineFailure("no model is loaded"))
+            return
+        self.generations += 1
+        self._pending.append(seq)
+
+    def _step(self) -> None:
+        """Between two steps: end cancelled sequences, let waiting ones in, then step."""
+        batch = self._batch
+        assert batch is not None
+        for seq in [s for s in batch.live.values() if s.req.cancel.is_set()]:
+            batch.leave(seq)
+            seq.emit(seq.finish(seq.req.cancel_reason))
+        while self._pending:
+            seq = self._pending[0]
+            if seq.req.cancel.is_set() or seq.req.max_tokens <= 0:
+                self._pending.popleft()
+                seq.emit(seq.finish(seq.req.cancel_reason if seq.req.cancel.is_set() else "length"))
+                continue
+            reason = solo_reason(seq, self._model)
+            if reason is not None:
+                if len(batch):
+                    break  # FIFO: it runs once the batch has drained
+                self._pending.popleft()
+                log.info("request runs alone, not in the batch: %s", reason)
+                self.solo_runs += 1
+                self._run_alone(seq)
+                return
+            self._pending.popleft()
+            try:
+                batch.join(seq)
+            except Exception as exc:
+                seq.emit(exc)
+        if not len(batch):
+            return
+        try:
+            self.tokens_generated += batch.step()
+        except Exception as exc:  # the step itself failed (e.g. MLX out of memory)
+            log.exception("batch step failed; ending the batch's requests")
+            for seq in batch.abandon():
+                seq.emit(exc)
+            batch.close()
+            self._batch = Batch(self._model, self.prefix_cache)
+            return
+        self._record_memory()
+
+    def _run_alone(self, seq: Sequence) -> None:
+        """``generate_step`` for one request: the seed is set right before it, nothing else
+        draws random numbers meanwhile, so a fixed seed reproduces."""
         import mlx.core as mx
         from mlx_lm.generate import generate_step
         from mlx_lm.models.cache import make_prompt_cache
-        from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
-        if self._model is None:
-            raise EngineFailure("no model is loaded")
-        if req.cancel.is_set():
-            emit(GenerationChunk("", None, req.cancel_reason, len(req.prompt)))
-            return
-        s = req.sampling
-        if s.seed is not None:
-            mx.random.seed(s.seed)
-        sampler = make_sampler(
-            temp=s.temperature, top_p=s.top_p if s.top_p < 1.0 else 0.0, min_p=s.min_p,
-            top_k=max(s.top_k, 0),
-        )  # fmt: skip
-        processors = make_logits_processors(
-            logit_bias=s.logit_bias,
-            repetition_penalty=s.repetition_penalty,
-            presence_penalty=s.presence_penalty,
-            frequency_penalty=s.frequency_penalty,
-        )
-        processors += req.extra_processors
-
-        self.generations += 1
+        req = seq.req
+        if req.sampling.seed is not None:
+            mx.random.seed(req.sampling.seed)
+        sampler, processors = sampling_parts(seq)
         hit = self.prefix_cache.take(req.prompt, req.max_kv_size, req.kv_bits)
-        cache = (
-            hit.cache
-            if hit.cache is not None
-            else make_prompt_cache(self._model, max_kv_size=req.max_kv_size)
-        )
-        todo = req.prompt[hit.reused :]
-        eos = set() if req.ignore_eos else set(req.tokenizer.eos_token_ids)
-        detok = req.tokenizer.detokenizer
-        detok.reset()
-        if req.keep_leading_space and not isinstance(getattr(type(detok), "text", None), property):
-            # mlx-lm's detokenizers drop the leading space of the first token (right for a chat
-            # answer, wrong for " Paris" after "The capital of France is"); they drop it only
-            # while their text is empty, so seed it with one character that is never emitted.
-            detok.text, detok.offset = "\x00", 1
-        generated: list[int] = []
-        n_prompt = len(req.prompt)
-        finish: str | None = None
-        hit_eos = False
+        cache = hit.cache if hit.cache is not None else make_prompt_cache(
+            self._model, max_kv_size=req.max_kv_size
+        )  # fmt: skip
+        seq.reused = hit.reused
+        mx.reset_peak_memory()
         try:
             steps = generate_step(
-                mx.array(todo), self._model, max_tokens=req.max_tokens, sampler=sampler,
-                logits_processors=processors or None, prompt_cache=cache,
+                mx.array(req.prompt[hit.reused :]), self._model, max_tokens=req.max_tokens,
+                sampler=sampler, logits_processors=processors or None, prompt_cache=cache,
                 prefill_step_size=req.prefill_step_size, kv_bits=req.kv_bits,
             )  # fmt: skip
-            for step, _ in steps:
-                token = int(step)  # generate_step yields Python ints (via .item())
-                generated.append(token)
+            for token, logprobs in steps:
+                seq.peak = max(seq.peak, int(mx.get_peak_memory()))
                 self.tokens_generated += 1
-                if token in eos:
-                    finish, hit_eos = "stop", True
-                    break
-                detok.add_token(token)
-                last = len(generated) == req.max_tokens
-                if last:
-                    detok.finalize()
-                    finish = "length"
-                chunk = GenerationChunk(
-                    detok.last_segment, token, finish, n_prompt, len(generated), hit.reused
-                )
-                emit(chunk)
-                if last:
-                    break
+                if seq.error is not None:  # a processor failed on this step
+                    seq.emit(seq.error)
+                    return
+                chunk = seq.add(int(token), logprobs)
+                if chunk is None:
+                    seq.emit(seq.finish("stop"))
+                    return
+                seq.emit(chunk)
+                if seq.done:
+                    return
                 if req.cancel.is_set():
-                    finish = req.cancel_reason
-                    break
-            else:
-                finish = "length"  # max_tokens reached inside generate_step (max_tokens == 0)
+                    seq.emit(seq.finish(req.cancel_reason))
+                    return
+        except Exception as exc:
+            seq.emit(exc)
         finally:
-            self._keep_cache(req, generated, cache)
-        if finish != "length" or len(generated) != req.max_tokens:
-            detok.finalize()
-            completion = len(generated) - (1 if hit_eos else 0)  # EOS is not output
-            emit(
-                GenerationChunk(
-                    detok.last_segment,
-                    None,
-                    finish or "stop",
-                    n_prompt,
-                    completion,
-                    hit.reused,
-                )
-            )
-
-    def _keep_cache(self, req: GenerationRequest, generated: list[int], cache: list[Any]) -> None:
-        tokens = req.prompt + generated
-        offset = getattr(cache[0], "offset", None) if cache else None
-        if isinstance(offset, int) and offset < len(tokens):
-            tokens = tokens[:offset]
-        self.prefix_cache.put(tokens, cache, req.max_kv_size, req.kv_bits)
+            keep_cache(self.prefix_cache, seq, req.prompt + seq.generated, cache)
+            self._record_memory()
 
 
 def _set_result(future: asyncio.Future[Any], value: Any) -> None:

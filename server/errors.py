@@ -6,9 +6,16 @@
     ├── BadRequest (400, invalid_request_error)
     │   ├── ContextLengthExceeded (400, code=context_length_exceeded)
     │   └── InsufficientMemory (400, code=insufficient_memory)  never fits the budget
+    ├── Unauthorized (401, code=invalid_api_key)              missing or wrong API key
+    ├── Forbidden (403, code=forbidden)                       Host, Origin, or not allowed
     ├── NotFound (404)                                          e.g. an unknown stored response
     │   └── ModelNotFound (404, code=model_not_found)
+    ├── RequestTimeout (408, code=request_timeout)            body arrived too slowly
+    ├── PayloadTooLarge (413, code=payload_too_large)
+    ├── UnsupportedMediaType (415, code=unsupported_media_type)
+    ├── HeadersTooLarge (431, code=headers_too_large)
     ├── Overloaded (503, code=overloaded) + Retry-After        memory or queue full for now
+    │   └── ShuttingDown (503, code=server_shutdown)           drain timeout cut it off
     ├── ModelLoadFailed (500, code=model_load_failed)          files missing or corrupt
     └── EngineFailure (500, code=engine_error)                 generation raised
 
@@ -19,7 +26,11 @@ with the class's status code, so a route never builds error JSON by hand.
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
 from typing import Any
+
+from starlette.types import Send
 
 
 class MlxdError(Exception):
@@ -69,6 +80,56 @@ class InsufficientMemory(BadRequest):
     default_code = "insufficient_memory"
 
 
+class Unauthorized(MlxdError):
+    status_code = 401
+    error_type = "invalid_request_error"
+    default_code = "invalid_api_key"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"WWW-Authenticate": "Bearer"})
+
+
+class Forbidden(MlxdError):
+    status_code = 403
+    error_type = "invalid_request_error"
+    default_code = "forbidden"
+
+
+class RequestTimeout(MlxdError):
+    status_code = 408
+    error_type = "invalid_request_error"
+    default_code = "request_timeout"
+
+    def __init__(self, message: str) -> None:
+        # The rest of the body is not read: the connection cannot carry another request.
+        super().__init__(message, headers={"Connection": "close"})
+
+
+class PayloadTooLarge(MlxdError):
+    status_code = 413
+    error_type = "invalid_request_error"
+    default_code = "payload_too_large"
+
+    def __init__(self, message: str) -> None:
+        # The rest of the body is not read: the connection cannot carry another request.
+        super().__init__(message, headers={"Connection": "close"})
+
+
+class UnsupportedMediaType(MlxdError):
+    status_code = 415
+    error_type = "invalid_request_error"
+    default_code = "unsupported_media_type"
+
+
+class HeadersTooLarge(MlxdError):
+    status_code = 431
+    error_type = "invalid_request_error"
+    default_code = "headers_too_large"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"Connection": "close"})
+
+
 class NotFound(MlxdError):
     status_code = 404
     error_type = "invalid_request_error"
@@ -97,9 +158,30 @@ class Overloaded(MlxdError):
         self.retry_after = retry_after
 
 
+class ShuttingDown(Overloaded):
+    """The server is stopping; what was running was ended at the drain timeout."""
+
+    default_code = "server_shutdown"
+
+
 class ModelLoadFailed(MlxdError):
     default_code = "model_load_failed"
 
 
 class EngineFailure(MlxdError):
     default_code = "engine_error"
+
+
+async def send_error(
+    send: Send, exc: MlxdError, extra_headers: Sequence[tuple[bytes, bytes]] = ()
+) -> None:
+    """Answer with ``exc`` straight from ASGI middleware (before any route runs)."""
+    body = json.dumps(exc.to_dict()).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        *((k.lower().encode(), v.encode()) for k, v in exc.headers.items()),
+        *extra_headers,
+    ]
+    await send({"type": "http.response.start", "status": exc.status_code, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

@@ -16,7 +16,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,6 @@ from server.admission import Decision, DecisionKind, Need, Reason, Resident, Sta
 from server.config import ModelEntry
 from server.engine import LoadedModel
 from server.estimate import ModelProfile, estimate_request
-from server.manager import Verdict
 from server.memory import (
     MemoryBudget,
     MemorySnapshot,
@@ -70,9 +69,6 @@ class MemoryGate:
         self.evict_prefix_cache = evict_prefix_cache
         self.evictions = 0
         self.profiles: dict[str, ModelProfile] = {}
-        self.resident: ModelEntry | None = None
-        self.resident_weights = 0
-        self.reserved = 0
         self.last_reading: PressureReading = assess_pressure(first, budget, self.swap_baseline)
         self.last_snapshot = first
         self._snapshot_at = time.monotonic()
@@ -129,16 +125,14 @@ class MemoryGate:
 
     # ---- decisions -------------------------------------------------------------------------------
 
-    def state(self, active: int, snapshot: MemorySnapshot | None = None) -> State:
+    def state(self, resident: Resident | None, snapshot: MemorySnapshot | None = None) -> State:
+        """How things stand; ``resident`` is the manager's record of the model and its batch,
+        to which the prefix cache's bytes are added (cached KV is memory in use)."""
         snapshot = snapshot or self._current()
         reading = assess_pressure(snapshot, self.budget, self.swap_baseline)
         self.last_reading = reading
-        resident = None
-        if self.resident is not None:
-            resident = Resident(
-                self.resident.id, self.resident_weights, active,
-                self.reserved + self.prefix_cache_bytes(),
-            )  # fmt: skip
+        if resident is not None:
+            resident = replace(resident, reserved=resident.reserved + self.prefix_cache_bytes())
         pressure = PressureLevel.RED if self.paused_by_pressure else reading.level
         # The queue's size and wait time are bounded by the model manager, which owns it.
         return State(
@@ -155,41 +149,34 @@ class MemoryGate:
         if decision.kind is DecisionKind.REJECT:
             raise decision.error()
 
-    def check(self, need: Any, *, resident: ModelEntry | None, active: int) -> Verdict:
-        """The manager's question for the oldest waiter: go (admit or swap) or wait."""
-        if not isinstance(need, RequestNeed):
-            return Verdict.GO  # preload and internal leases carry no request
-        decision = decide(need.need, self.state(active))
-        self.last_decision = decision
-        if decision.kind is DecisionKind.REJECT:
-            raise decision.error()
-        if decision.kind is DecisionKind.WAIT:
-            log.info("request for %s waits: %s", need.entry.id, decision.message)
-            if decision.reason in _MEMORY_WAITS and self.prefix_cache_bytes() > 0:
-                # Cached KV of earlier chats is the one memory mlxd can give back at once.
-                log.info("evicting the prefix cache to make room")
-                self.evictions += 1
-                self.evict_prefix_cache()
-                self._snapshot_at = float("-inf")
-            return Verdict.WAIT
-        if decision.kind is DecisionKind.ADMIT:
-            self.reserved += need.need.request
-        return Verdict.GO
-
-    def released(self, need: Any) -> None:
+    def decide(self, entry: ModelEntry, need: Any, resident: Resident | None) -> Decision:
+        """The manager's question for a waiter. Preload and internal leases carry no
+        ``RequestNeed``: they count as needing no memory of their own."""
         if isinstance(need, RequestNeed):
-            self.reserved = max(0, self.reserved - need.need.request)
+            wanted = need.need
+        else:
+            wanted = Need(entry.id, self.weights_estimate(entry, None) or 0, 0, 1, 0)
+        decision = decide(wanted, self.state(resident))
+        self.last_decision = decision
+        if (
+            decision.kind is DecisionKind.WAIT
+            and decision.reason in _MEMORY_WAITS
+            and self.prefix_cache_bytes() > 0
+        ):
+            # Cached KV of earlier chats is the one memory mlxd can give back at once.
+            log.info("evicting the prefix cache to make room")
+            self.evictions += 1
+            self.evict_prefix_cache()
+            self._snapshot_at = float("-inf")
+        return decision
 
-    def loaded(self, entry: ModelEntry, info: LoadedModel) -> None:
+    def loaded(self, entry: ModelEntry, info: LoadedModel) -> int:
         self._snapshot_at = float("-inf")  # memory just changed: read it again next time
-        self.resident = entry
         profile = self.profiles.get(entry.id)
-        self.resident_weights = profile.weights if profile else info.active_bytes
+        return profile.weights if profile else info.active_bytes
 
     def unloaded(self, entry: ModelEntry) -> None:
         self._snapshot_at = float("-inf")
-        self.resident = None
-        self.resident_weights = 0
 
     # ---- monitoring ----------------------------------------------------------------------------
 
@@ -221,10 +208,8 @@ class MemoryGate:
             "swap_growth": reading.swap_growth,
             "available": snap.available,
             "total": snap.total,
-            "reserved": self.reserved,
             "prefix_cache": self.prefix_cache_bytes(),
             "prefix_cache_evictions": self.evictions,
-            "resident_weights": self.resident_weights,
         }
 
 

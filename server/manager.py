@@ -6,36 +6,45 @@ Lifecycle of each configured model (``ModelState``)::
                     │                                   ▲
                     └──► FAILED ──(next request)──► LOADING
 
-Requests ask for a lease on a model (``acquire``). Waiters are served in arrival order, grouped by
-model: when the oldest waiter wants the resident model, every waiter for that model is admitted
-together; when it wants another one, admissions stop, in-flight requests finish (a swap never
-cuts a generation off), the resident model is unloaded, and the wanted one is loaded once for all
-its waiters. Alternating clients therefore cost one swap per group, not one per request, and no
-model starves.
+Requests ask for a lease on a model (``acquire``): a lease is one sequence in the engine's
+running batch. Waiters are served in arrival order (a bounded FIFO queue; full → 503 with
+Retry-After), grouped by model: when the oldest waiter may join the resident model's batch, the
+waiters behind it for that model join too while they fit; when it wants another model, nothing
+new joins the batch, the running sequences finish (a swap never cuts a generation off, and the
+drain is bounded by what already runs), the resident model is unloaded, and the wanted one is
+loaded once for all its waiters. Alternating clients therefore cost one swap per group, not one
+per request, and no model starves.
 
-Memory admission plugs in through ``Gate``: before a lease is granted or a swap starts, the gate
-may say wait (memory is busy right now) or reject (it can never fit); the manager performs what it
-decides, so the decision itself stays a pure function that is tested on its own.
+What happens to a waiter is :func:`server.admission.decide`'s answer (join / wait / swap /
+swap after drain / reject), asked through the memory ``Gate`` when there is one; the manager
+only carries it out. The resident model and the sequences running on it are recorded in one
+place, :class:`Residency`, and a sequence's memory reservation exists only while it runs:
+nothing in the queue reserves memory.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any, Protocol
 
-from server.config import ModelEntry
+from server.admission import Decision, DecisionKind, Need, Resident, State, decide
+from server.config import DEFAULT_MAX_CONCURRENCY, ModelEntry
 from server.engine import Engine, LoadedModel
 from server.errors import MlxdError, ModelLoadFailed, Overloaded
+from server.memory import format_size
 from server.registry import Registry
 
 log = logging.getLogger("mlxd.manager")
+
+UNLIMITED = 1 << 62  # the budget and headroom when no memory gate is configured
 
 
 class ModelState(str, Enum):
@@ -60,25 +69,54 @@ class Lease:
     loaded: LoadedModel
 
 
-class Verdict(Enum):
-    GO = "go"
-    WAIT = "wait"
-
-
 class Gate(Protocol):
-    """Memory admission as seen by the manager (see ``server.admission``)."""
+    """Memory admission as seen by the manager (see ``server.gate``)."""
 
-    def check(self, need: Any, *, resident: ModelEntry | None, active: int) -> Verdict:
-        """GO, WAIT, or raise an MlxdError (never fits)."""
+    def decide(self, entry: ModelEntry, need: Any, resident: Resident | None) -> Decision:
+        """The admission decision for one waiter; ``need`` is what ``acquire`` was given."""
         ...
 
-    def released(self, need: Any) -> None:
-        """A request that was let in has finished."""
+    def loaded(self, entry: ModelEntry, info: LoadedModel) -> int:
+        """A model was loaded; returns the weights admission counts for it."""
         ...
-
-    def loaded(self, entry: ModelEntry, info: LoadedModel) -> None: ...
 
     def unloaded(self, entry: ModelEntry) -> None: ...
+
+
+@dataclass(frozen=True)
+class Flight:
+    """One sequence admitted into the running batch and not finished."""
+
+    id: int
+    model: str
+    reserved: int  # bytes admission counted for it (KV cache + working memory)
+    prompt_tokens: int
+    max_tokens: int
+    since: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class Residency:
+    """The one record of the resident model and the sequences running on it."""
+
+    entry: ModelEntry | None = None
+    loaded: LoadedModel | None = None
+    weights: int = 0
+    flights: dict[int, Flight] = field(default_factory=dict)
+
+    @property
+    def active(self) -> int:
+        return len(self.flights)
+
+    @property
+    def reserved(self) -> int:
+        return sum(f.reserved for f in self.flights.values())
+
+    def view(self, max_concurrency: int | None) -> Resident | None:
+        """What :func:`server.admission.decide` sees of it."""
+        if self.entry is None:
+            return None
+        return Resident(self.entry.id, self.weights, self.active, self.reserved, max_concurrency)
 
 
 @dataclass(eq=False)
@@ -87,6 +125,7 @@ class _Waiter:
     need: Any
     future: asyncio.Future[Lease]
     since: float = field(default_factory=time.monotonic)
+    flight: Flight | None = None  # set when it joins
 
 
 class ModelManager:
@@ -100,6 +139,7 @@ class ModelManager:
         default_keep_alive: float | None = None,
         gate: Gate | None = None,
         prewarm: bool = True,
+        max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
     ) -> None:
         self.engine = engine
         self.registry = registry
@@ -108,12 +148,13 @@ class ModelManager:
         self.default_keep_alive = default_keep_alive
         self.gate = gate
         self.prewarm = prewarm
+        self.max_concurrency = max_concurrency
         self.states: dict[str, ModelState] = {e.id: ModelState.UNLOADED for e in registry.entries}
         self.errors: dict[str, str] = {}
-        self.resident: ModelEntry | None = None
-        self.loaded: LoadedModel | None = None
-        self.active = 0
+        self.residency = Residency()
         self.swaps = 0
+        self.last_decision: Decision | None = None
+        self._ids = itertools.count(1)
         self._waiters: list[_Waiter] = []
         self._switching: asyncio.Task[None] | None = None
         self._idle_timer: asyncio.TimerHandle | None = None
@@ -124,11 +165,45 @@ class ModelManager:
     # ---- queries ----------------------------------------------------------------------------
 
     @property
+    def resident(self) -> ModelEntry | None:
+        return self.residency.entry
+
+    @property
+    def loaded(self) -> LoadedModel | None:
+        return self.residency.loaded
+
+    @property
+    def active(self) -> int:
+        return self.residency.active
+
+    @property
     def queue_depth(self) -> int:
         return len(self._waiters)
 
     def state_of(self, entry: ModelEntry) -> ModelState:
         return self.states[entry.id]
+
+    def concurrency_of(self, entry: ModelEntry) -> int:
+        return entry.max_concurrency or self.max_concurrency
+
+    def batch_status(self) -> dict[str, Any]:
+        """For /health: the running batch, each sequence's reservation, and the queue."""
+        now = time.monotonic()
+        entry = self.residency.entry
+        return {
+            "size": self.residency.active,
+            "max_concurrency": self.concurrency_of(entry) if entry else self.max_concurrency,
+            "reserved": self.residency.reserved,
+            "resident_weights": self.residency.weights,
+            "sequences": [
+                {**asdict(f), "since": None, "running_s": round(now - f.since, 2)}
+                for f in self.residency.flights.values()
+            ],
+            "queue": [
+                {"model": w.entry.id, "waiting_s": round(now - w.since, 2)} for w in self._waiters
+            ],
+            "last_decision": self.last_decision.kind.value if self.last_decision else None,
+        }
 
     # ---- leases -------------------------------------------------------------------------------
 
@@ -136,7 +211,7 @@ class ModelManager:
     async def acquire(
         self, entry: ModelEntry, need: Any = None, keep_alive: KeepAlive | None = None
     ) -> AsyncIterator[Lease]:
-        """Hold ``entry`` resident for the duration of the block.
+        """Hold a place in ``entry``'s running batch for the duration of the block.
 
         ``keep_alive`` (the request's, as Ollama clients send it) overrides the model's and the
         server's idle-unload delay once this request is done.
@@ -166,9 +241,7 @@ class ModelManager:
         try:
             yield lease
         finally:
-            self.active -= 1
-            if self.gate is not None:
-                self.gate.released(need)
+            self._land(waiter)
             if keep_alive is not None:
                 self._keep_alive = keep_alive.seconds
             else:
@@ -176,58 +249,91 @@ class ModelManager:
             self._pump()
             self._schedule_idle_unload()
 
+    def _land(self, waiter: _Waiter) -> None:
+        """The sequence left the batch: its reservation ends."""
+        if waiter.flight is not None:
+            self.residency.flights.pop(waiter.flight.id, None)
+            waiter.flight = None
+
     def _drop(self, waiter: _Waiter) -> None:
-        """Forget a waiter that gave up; if it had just been admitted, release its slot."""
+        """Forget a waiter that gave up; if it had just been admitted, end its flight."""
         if waiter in self._waiters:
             self._waiters.remove(waiter)
-        elif (
-            waiter.future.done()
-            and not waiter.future.cancelled()
-            and waiter.future.exception() is None
-        ):
-            self.active -= 1
+        self._land(waiter)
         if not waiter.future.done():
             waiter.future.cancel()
         self._pump()
 
+    def _decide(self, waiter: _Waiter) -> Decision:
+        """The one decision: the gate's when there is one, else the same rules unbounded."""
+        resident = self.residency.view(
+            self.concurrency_of(self.residency.entry) if self.residency.entry else None
+        )
+        if self.gate is not None:
+            decision = self.gate.decide(waiter.entry, waiter.need, resident)
+        else:
+            need = Need(waiter.entry.id, 0, 0, 1, 0)
+            decision = decide(need, State(UNLIMITED, UNLIMITED, resident))
+        self.last_decision = decision
+        return decision
+
     def _pump(self) -> None:
-        """Admit, or start a swap for, the oldest waiter's model. Called after every change."""
+        """Carry out the decision for the oldest waiter. Called after every change."""
         while self._switching is None and self._waiters and not self._closed:
             head = self._waiters[0]
-            target = head.entry
-            if self.resident is not None and self.resident.id == target.id:
-                for waiter in [w for w in self._waiters if w.entry.id == target.id]:
-                    if not self._admit(waiter):
-                        self._retry_later()
-                        break
+            if head.future.done():  # gave up in the meantime
+                self._waiters.remove(head)
+                continue
+            decision = self._decide(head)
+            kind = decision.kind
+            if kind is DecisionKind.REJECT:
+                self._waiters.remove(head)
+                _fail(head, decision.error())
+            elif kind is DecisionKind.JOIN:
+                self._join(head, decision)
+                self._join_group(head.entry)
+            elif kind is DecisionKind.WAIT:
+                log.info("request for %s waits: %s", head.entry.id, decision.message)
+                self._retry_later()  # memory may free up without any event here
                 return
-            if self.active > 0:
-                return  # let in-flight requests on the resident model finish first
-            verdict = self._ask_gate(head)
-            if verdict is None:
-                continue  # the head was refused; look at the next one
-            if verdict is Verdict.WAIT:
-                self._retry_later()
+            elif kind is DecisionKind.DRAIN:
+                return  # nothing new joins; the last sequence leaving pumps again
+            else:
+                self._switching = asyncio.get_running_loop().create_task(self._switch(head.entry))
                 return
-            self._switching = asyncio.get_running_loop().create_task(self._switch(target))
 
-    def _ask_gate(self, waiter: _Waiter) -> Verdict | None:
-        """The gate's verdict on ``waiter``; None when it refused it (the waiter is failed)."""
-        if self.gate is None:
-            return Verdict.GO
-        try:
-            return self.gate.check(waiter.need, resident=self.resident, active=self.active)
-        except MlxdError as exc:
-            self._waiters.remove(waiter)
-            _fail(waiter, exc)
-            return None
+    def _join_group(self, entry: ModelEntry) -> None:
+        """Let the later waiters for the same model join too, in order, while they may."""
+        for waiter in [w for w in self._waiters if w.entry.id == entry.id]:
+            if waiter.future.done():
+                self._waiters.remove(waiter)
+                continue
+            decision = self._decide(waiter)
+            if decision.kind is DecisionKind.REJECT:
+                self._waiters.remove(waiter)
+                _fail(waiter, decision.error())
+            elif decision.kind is DecisionKind.JOIN:
+                self._join(waiter, decision)
+            else:
+                return
+
+    def _join(self, waiter: _Waiter, decision: Decision) -> None:
+        residency = self.residency
+        assert residency.entry is not None and residency.loaded is not None
+        self._waiters.remove(waiter)
+        need = getattr(waiter.need, "need", None)
+        waiter.flight = Flight(
+            next(self._ids), waiter.entry.id, decision.need,
+            need.prompt_tokens if need else 0, need.max_tokens if need else 0,
+        )  # fmt: skip
+        residency.flights[waiter.flight.id] = waiter.flight
+        waiter.future.set_result(Lease(residency.entry, residency.loaded.path, residency.loaded))
 
     def poke(self) -> None:
         """Something outside changed (e.g. memory pressure cleared): look at the queue again."""
         self._pump()
 
     def _retry_later(self, delay: float = 0.5) -> None:
-        """Memory may free up without any event here (other programs); look again soon."""
         if self._retry_timer is None:
 
             def retry() -> None:
@@ -235,22 +341,6 @@ class ModelManager:
                 self._pump()
 
             self._retry_timer = asyncio.get_running_loop().call_later(delay, retry)
-
-    def _admit(self, waiter: _Waiter) -> bool:
-        """Grant a lease if the gate lets this request in now; False to keep it waiting."""
-        if waiter.future.done():  # gave up in the meantime
-            self._waiters.remove(waiter)
-            return True
-        verdict = self._ask_gate(waiter)
-        if verdict is None:
-            return True
-        if verdict is Verdict.WAIT:
-            return False
-        assert self.loaded is not None and self.resident is not None
-        self._waiters.remove(waiter)
-        self.active += 1
-        waiter.future.set_result(Lease(self.resident, self.loaded.path, self.loaded))
-        return True
 
     async def _switch(self, target: ModelEntry) -> None:
         try:
@@ -260,14 +350,13 @@ class ModelManager:
             log.info("loading model %s", target.id)
             path = await self.registry.prepare(target)
             info = await self.engine.load(path, prewarm=self.prewarm)
-            self.resident, self.loaded = target, info
+            weights = self.gate.loaded(target, info) if self.gate else info.active_bytes
+            self.residency = Residency(target, info, weights)
             self.states[target.id] = ModelState.READY
             self.swaps += 1
-            if self.gate is not None:
-                self.gate.loaded(target, info)
             log.info(
-                "model %s ready in %.1fs (active memory %.2f GB)",
-                target.id, info.load_seconds, info.active_bytes / 1e9,
+                "model %s ready in %.1fs (active memory %s)",
+                target.id, info.load_seconds, format_size(info.active_bytes),
             )  # fmt: skip
         except Exception as exc:
             error = exc if isinstance(exc, MlxdError) else ModelLoadFailed(
@@ -284,13 +373,15 @@ class ModelManager:
             self._pump()
 
     async def _unload_resident(self) -> None:
-        if self.resident is None:
+        old = self.residency.entry
+        if old is None:
             return
-        old = self.resident
         self.states[old.id] = ModelState.UNLOADING
         log.info("unloading model %s", old.id)
-        self.resident, self.loaded = None, None
-        await self.engine.unload()
+        try:
+            await self.engine.unload()
+        finally:
+            self.residency = Residency()
         self.states[old.id] = ModelState.UNLOADED
         if self.gate is not None:
             self.gate.unloaded(old)

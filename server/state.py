@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -12,9 +14,12 @@ from server.chat import ChatService
 from server.config import ModelEntry, Settings
 from server.engine import Engine
 from server.gate import MemoryGate, PressureMonitor
+from server.limits import InflightLimit
 from server.manager import ModelManager
 from server.registry import Registry
 from server.router import Router
+
+log = logging.getLogger("mlxd.state")
 
 
 @dataclass
@@ -27,7 +32,19 @@ class AppState:
     router: Router
     gate: MemoryGate
     started: float
+    inflight: InflightLimit
     monitor: PressureMonitor | None = None
+    draining: bool = False
+
+    def drain_started(self) -> None:
+        """SIGTERM: the listener stopped accepting; running requests may still finish."""
+        self.draining = True
+
+    def drain_expired(self) -> None:
+        """The drain timeout passed: end what still runs (final chunk, [DONE]) and the queue."""
+        ended = self.chat.end_running("length", cause="shutdown")
+        log.warning("drain timeout: ended %d running request(s)", ended)
+        asyncio.get_running_loop().create_task(self.manager.close())
 
     def describe_model(self, entry: ModelEntry) -> dict[str, Any]:
         state = self.manager.state_of(entry)
@@ -39,23 +56,26 @@ class AppState:
             "status": state.value,
             "aliases": entry.aliases,
             "tags": entry.tags,
-            "present": self.registry.is_present(entry),
         }
+        available = self.router.availability(entry)
+        item["present"] = available.status in ("present", "too_big")
+        item["availability"] = available.status  # present | too_big | download | import | missing
+        item["availability_detail"] = available.detail
         if entry.id in self.manager.errors:
             item["error"] = self.manager.errors[entry.id]
-        weights = self.router.weights_estimate(entry)
-        if weights is not None:
-            item["weights_bytes"] = weights
-            item["estimated_memory_bytes"] = self.router.reserve_estimate(entry, weights)
+        if available.weights is not None and available.memory is not None:
+            item["weights_bytes"] = available.weights
+            item["estimated_memory_bytes"] = available.memory
         return item
 
     async def health(self) -> dict[str, Any]:
+        """Liveness and status from counters only: nothing here waits on the MLX thread."""
         resident = self.manager.resident
         memory: dict[str, Any] = {}
-        memory.update(await self.engine.memory())
+        memory.update(await self.engine.memory())  # the worker's snapshot
         memory.update(self.gate.status())
         return {
-            "status": "ok",
+            "status": "draining" if self.draining else "ok",
             "version": __version__,
             "backend": backend_info().describe(),
             "uptime_s": round(time.time() - self.started, 1),
@@ -63,6 +83,8 @@ class AppState:
             "resident_state": self.manager.state_of(resident).value if resident else None,
             "active_requests": self.manager.active,
             "queue_depth": self.manager.queue_depth,
+            "in_flight": self.inflight.count,
+            "batch": self.manager.batch_status(),
             "swaps": self.manager.swaps,
             "memory": memory,
             "engine": self.engine.stats(),

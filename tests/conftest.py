@@ -13,9 +13,10 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -68,7 +69,11 @@ class RunningServer:
 
 @contextlib.contextmanager
 def run_server(
-    args: list[str], log: Path, env: dict[str, str] | None = None, timeout: float = 180.0
+    args: list[str],
+    log: Path,
+    env: dict[str, str] | None = None,
+    timeout: float = 180.0,
+    preexec_fn: Callable[[], object] | None = None,
 ) -> Iterator[RunningServer]:
     """Start ``mlxd serve`` with ``args`` and wait until /health answers."""
     port = free_port()
@@ -76,7 +81,12 @@ def run_server(
     full_env = {**os.environ, **(env or {})}
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [*cmd, *args], stdout=out, stderr=subprocess.STDOUT, env=full_env, cwd=REPO_ROOT
+            [*cmd, *args],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=full_env,
+            cwd=REPO_ROOT,
+            preexec_fn=preexec_fn,
         )
     server = RunningServer(f"http://127.0.0.1:{port}/v1", proc, log)
     deadline = time.monotonic() + timeout
@@ -94,9 +104,14 @@ def run_server(
             time.sleep(0.2)
         yield server
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
+
+
+def stop_process(proc: subprocess.Popen[Any], grace: float = 20.0) -> None:
+    """Terminate ``proc``, killing it if it has not exited after ``grace`` seconds."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

@@ -182,8 +182,7 @@ def chat_fields(req: CompletionRequest, extra_stops: list[str]) -> dict[str, Any
     if req.best_of is not None and req.best_of != 1:
         raise BadRequest("best_of > 1 is not supported", param="best_of")
     if req.logprobs is not None:
-        # Needs per-token logprobs from the engine through the chat events (not there yet).
-        raise BadRequest("logprobs are not supported yet", param="logprobs")
+        raise BadRequest("logprobs are not supported on /v1/completions yet", param="logprobs")
     data = {name: getattr(req, name) for name in SAMPLING_FIELDS}
     data["messages"] = [{"role": "user", "content": ""}]
     if extra_stops:

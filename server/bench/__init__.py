@@ -203,6 +203,10 @@ def build_parser(prog: str = "python -m server.bench") -> argparse.ArgumentParse
     size.add_argument("--chat-turns", type=int, help="turns of the accumulated chat")
     size.add_argument("--chat-user-tokens", type=int, help="tokens in each chat user message")
     size.add_argument("--concurrency", type=_int_list, help="concurrent stream counts, e.g. 1,4,8")
+    size.add_argument("--concurrency-tokens", type=int, help="max_tokens of each concurrent stream")
+    size.add_argument("--join-prompt", type=int, help="tokens of the prompt that joins (join)")
+    size.add_argument("--join-streams", type=int, help="streams running when it joins (join)")
+    size.add_argument("--join-tokens", type=int, help="max_tokens of those streams (join)")
     size.add_argument(
         "--suppress-eos",
         action="store_true",
@@ -237,6 +241,10 @@ def make_plan(args: argparse.Namespace, context: int | None) -> Plan:
         ("chat_turns", "chat_turns"),
         ("chat_user_tokens", "chat_user_tokens"),
         ("concurrency", "concurrency"),
+        ("concurrency_tokens", "concurrency_max_tokens"),
+        ("join_prompt", "join_prompt"),
+        ("join_streams", "join_streams"),
+        ("join_tokens", "join_max_tokens"),
     ):
         if getattr(args, flag) is not None:
             changes[name] = getattr(args, flag)

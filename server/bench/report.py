@@ -16,6 +16,7 @@ A run produces three kinds of raw rows and one derived kind, all in ``results.js
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import statistics
@@ -29,7 +30,9 @@ SCHEMA_VERSION = 1
 BASELINE = "in-process"
 
 # Scenario order in tables and plots.
-SCENARIOS = ("startup", "cold", "warm", "decode", "prefill", "chat", "concurrency")
+SCENARIOS = ("startup", "cold", "warm", "decode", "prefill", "chat", "concurrency", "join")
+
+JOINER = -1  # ``RequestRecord.stream`` of the long prompt that joins running streams
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,15 @@ METRICS: dict[str, MetricSpec] = {
     "itl_max_ms": MetricSpec("inter-token max", "ms", "lower"),
     "aggregate_tps": MetricSpec("aggregate output (all tokens / wall time)", "tok/s", "higher"),
     "per_stream_tps": MetricSpec("per-stream decode", "tok/s", "higher"),
+    "ttft_p95_ms": MetricSpec("TTFT p95 over the streams", "ms", "lower"),
+    "itl_p95_idle_ms": MetricSpec(
+        "running streams' inter-token p95 before the join", "ms", "lower"
+    ),
+    "itl_p95_join_ms": MetricSpec(
+        "running streams' inter-token p95 while the prompt joins", "ms", "lower"
+    ),
+    "join_itl_ratio": MetricSpec("joining ÷ before (inter-token p95)", "×", "lower"),
+    "join_ttft_ms": MetricSpec("TTFT of the joining prompt", "ms", "lower"),
     "prompt_tokens": MetricSpec("prompt tokens", "tok", None),
     "completion_tokens": MetricSpec("completion tokens", "tok", None),
     "cached_tokens": MetricSpec("cached prompt tokens (server-reported)", "tok", None),
@@ -216,7 +228,7 @@ def _concurrent(records: Sequence[RequestRecord]) -> dict[str, float | None]:
     groups: dict[int, list[RequestRecord]] = defaultdict(list)
     for r in records:
         groups[r.repeat].append(r)
-    aggregate, per_stream, ttft = [], [], []
+    aggregate, per_stream, ttft, ttft_p95 = [], [], [], []
     for group in groups.values():
         start = min(r.start_offset for r in group)
         end = max(r.start_offset + r.result.end_time for r in group)
@@ -225,11 +237,53 @@ def _concurrent(records: Sequence[RequestRecord]) -> dict[str, float | None]:
             aggregate.append(tokens / (end - start))
         per_stream.append(_median(r.result.decode_tps for r in group))
         ttft.append(_median(r.result.ttft for r in group))
+        firsts = [r.start_offset + t for r in group if (t := r.result.ttft) is not None]
+        if firsts:  # from the group's start, so a stream that waited its turn counts in full
+            ttft_p95.append(percentile(firsts, 95) - start)
     return {
         "aggregate_tps": _median(aggregate),
         "per_stream_tps": _median(per_stream),
         "ttft_ms": _ms(_median(ttft)),
+        "ttft_p95_ms": _ms(_median(ttft_p95)),
         "completion_tokens": _median(r.result.completion_tokens for r in records),
+    }
+
+
+def _join(records: Sequence[RequestRecord]) -> dict[str, float | None]:
+    """Inter-token gaps of the running streams before the long prompt was sent, and while it
+    was being prefilled (a gap counts when it overlaps [sent, its first token])."""
+    groups: dict[int, list[RequestRecord]] = defaultdict(list)
+    for r in records:
+        groups[r.repeat].append(r)
+    idle_p95, join_p95, join_ttft = [], [], []
+    for group in groups.values():
+        joiners = [r for r in group if r.stream == JOINER]
+        if not joiners or joiners[0].result.ttft is None:
+            continue
+        joiner = joiners[0]
+        sent = joiner.start_offset
+        first = sent + (joiner.result.ttft or 0.0)
+        idle: list[float] = []
+        during: list[float] = []
+        for r in group:
+            if r.stream == JOINER:
+                continue
+            times = [r.start_offset + t for t in r.result.token_times]
+            for a, b in itertools.pairwise(times):
+                if b <= sent:
+                    idle.append(b - a)
+                elif a < first:
+                    during.append(b - a)
+        if idle and during:
+            idle_p95.append(percentile(idle, 95))
+            join_p95.append(percentile(during, 95))
+        join_ttft.append(first - sent)
+    idle_v, join_v = _median(idle_p95), _median(join_p95)
+    return {
+        "itl_p95_idle_ms": _ms(idle_v),
+        "itl_p95_join_ms": _ms(join_v),
+        "join_itl_ratio": join_v / idle_v if idle_v and join_v is not None else None,
+        "join_ttft_ms": _ms(_median(join_ttft)),
     }
 
 
@@ -240,7 +294,14 @@ _SCENARIO_METRICS: dict[str, tuple[str, ...]] = {
     "decode": ("decode_tps", "itl_p50_ms", "itl_p95_ms", "itl_max_ms", "completion_tokens"),
     "prefill": ("ttft_ms", "prefill_tps"),
     "chat": ("ttft_ms", "prompt_tokens", "cached_tokens", "completion_tokens"),
-    "concurrency": ("aggregate_tps", "per_stream_tps", "ttft_ms", "completion_tokens"),
+    "concurrency": (
+        "aggregate_tps",
+        "per_stream_tps",
+        "ttft_ms",
+        "ttft_p95_ms",
+        "completion_tokens",
+    ),
+    "join": ("itl_p95_idle_ms", "itl_p95_join_ms", "join_itl_ratio", "join_ttft_ms"),
 }
 
 
@@ -260,7 +321,8 @@ def summarize(
         wanted = _SCENARIO_METRICS.get(scenario)
         if wanted is None:
             raise ValueError(f"unknown scenario {scenario!r}")
-        values = _concurrent(recs) if scenario == "concurrency" else _single(recs)
+        summary = {"concurrency": _concurrent, "join": _join}.get(scenario, _single)
+        values = summary(recs)
         for name in wanted:
             value = values.get(name)
             if value is not None:
@@ -314,6 +376,8 @@ def scenario_label(scenario: str, param: int | None) -> str:
         return f"chat turn {param}"
     if scenario == "concurrency":
         return f"{param} stream{'s' if param != 1 else ''}"
+    if scenario == "join":
+        return f"join {param} tok"
     return f"{scenario} {param}"
 
 

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from server.bench.report import MemoryRecord, RequestRecord, scenario_label
+from server.bench.report import JOINER, MemoryRecord, RequestRecord, scenario_label
 from server.bench.targets import MemoryWatch, Messages, Target
 
 Say = Callable[[str], None]
@@ -113,7 +113,7 @@ class PromptBook:
 
 # --------------------------------------------------------------------------- scenarios
 
-ALL_SCENARIOS = ("cold", "warm", "decode", "prefill", "chat", "concurrency")
+ALL_SCENARIOS = ("cold", "warm", "decode", "prefill", "chat", "concurrency", "join")
 
 
 @dataclass(frozen=True)
@@ -131,6 +131,10 @@ class Plan:
     chat_max_tokens: int
     concurrency: tuple[int, ...]
     concurrency_max_tokens: int
+    # join: ``join_streams`` streams decode, then a ``join_prompt``-token prompt joins them.
+    join_streams: int = 4
+    join_prompt: int = 8192
+    join_max_tokens: int = 256
     scenarios: tuple[str, ...] = ALL_SCENARIOS
     suppress_eos: bool = False
 
@@ -145,8 +149,8 @@ FULL = Plan(
     chat_turns=5,
     chat_user_tokens=420,
     chat_max_tokens=32,
-    concurrency=(1, 4, 8),
-    concurrency_max_tokens=32,
+    concurrency=(1, 4, 8, 16),
+    concurrency_max_tokens=128,
 )
 
 QUICK = Plan(
@@ -161,6 +165,9 @@ QUICK = Plan(
     chat_max_tokens=12,
     concurrency=(1, 4),
     concurrency_max_tokens=12,
+    join_streams=2,
+    join_prompt=256,
+    join_max_tokens=48,
 )
 
 
@@ -250,6 +257,23 @@ def run_target(
                     f"({tokens / wall:.1f} tok/s aggregate)"
                 )
 
+    def join() -> None:
+        for r in range(plan.group_repeats):
+            convs = [book.long_output(f"join-{r}-{i}") for i in range(plan.join_streams)]
+            joiner = book.sized(f"joiner-{r}", plan.join_prompt)
+            outs = target.chat_join(convs, plan.join_max_tokens, joiner, 4)
+            group = [
+                RequestRecord(target.name, "join", plan.join_prompt, r, book.count(m), res, i, off)
+                for i, (m, (off, res)) in enumerate(zip([*convs, joiner], outs, strict=True))
+            ]
+            group[-1].stream = JOINER
+            out.records.extend(group)
+            ttft = group[-1].result.ttft
+            say(
+                f"{target.name}: join {plan.join_prompt} tok #{r + 1}: joiner TTFT "
+                f"{'—' if ttft is None else f'{ttft:.2f} s'} beside {plan.join_streams} streams"
+            )
+
     steps: dict[str, Callable[[], None]] = {
         "cold": cold,
         "warm": warm,
@@ -257,6 +281,7 @@ def run_target(
         "prefill": prefill,
         "chat": chat,
         "concurrency": concurrency,
+        "join": join,
     }
     for scenario in ALL_SCENARIOS:
         if scenario not in plan.scenarios:

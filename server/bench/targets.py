@@ -111,9 +111,13 @@ def parse_event(data: str) -> StreamEvent:
     )
 
 
-def read_stream(lines: Iterable[str], clock: Callable[[], float]) -> StreamResult:
-    """Fold an SSE chat-completion stream into a `StreamResult`, timing events with ``clock``."""
-    result = StreamResult()
+def read_stream(
+    lines: Iterable[str], clock: Callable[[], float], into: StreamResult | None = None
+) -> StreamResult:
+    """Fold an SSE chat-completion stream into a `StreamResult`, timing events with ``clock``.
+
+    ``into`` is filled as events arrive, so another thread can watch a stream's progress."""
+    result = into if into is not None else StreamResult()
     decoder = SSEDecoder()
     parts: list[str] = []
     done = False
@@ -168,7 +172,16 @@ class Target(Protocol):
     ) -> list[tuple[float, StreamResult]]:
         """Concurrent completions: (start offset in seconds, result) per conversation."""
 
+    def chat_join(
+        self, streams: Sequence[Messages], max_tokens: int, joiner: Messages, joiner_tokens: int
+    ) -> list[tuple[float, StreamResult]]:
+        """Running streams, then a long prompt joining them; the joiner's result last."""
+
     def new_conversation(self) -> None: ...
+
+
+# The join scenario sends its long prompt once every running stream has this many tokens.
+JOIN_AFTER_TOKENS = 4
 
 
 class HttpTarget:
@@ -200,7 +213,9 @@ class HttpTarget:
     def pid(self) -> int | None:
         return self._pid
 
-    def _stream(self, messages: Messages, max_tokens: int) -> tuple[float, StreamResult]:
+    def _stream(
+        self, messages: Messages, max_tokens: int, into: StreamResult | None = None
+    ) -> tuple[float, StreamResult]:
         body = {
             "model": self.model,
             "messages": messages,
@@ -216,7 +231,8 @@ class HttpTarget:
             if response.status_code != 200:
                 response.read()
                 raise BenchError(f"HTTP {response.status_code} from {url}: {response.text[:300]}")
-            return start, read_stream(response.iter_lines(), lambda: time.perf_counter() - start)
+            clock = lambda: time.perf_counter() - start  # noqa: E731
+            return start, read_stream(response.iter_lines(), clock, into)
 
     def chat(self, messages: Messages, max_tokens: int, conversation: bool = False) -> StreamResult:
         return self._stream(messages, max_tokens)[1]
@@ -232,6 +248,26 @@ class HttpTarget:
 
         with ThreadPoolExecutor(len(conversations)) as pool:
             outs = [f.result() for f in [pool.submit(one, m) for m in conversations]]
+        first = min(start for start, _ in outs)
+        return [(start - first, result) for start, result in outs]
+
+    def chat_join(
+        self, streams: Sequence[Messages], max_tokens: int, joiner: Messages, joiner_tokens: int
+    ) -> list[tuple[float, StreamResult]]:
+        """``streams`` decode together; once each has its first tokens, ``joiner`` (a long
+        prompt) is sent. The joiner's (offset, result) comes last."""
+        live = [StreamResult() for _ in streams]
+        with ThreadPoolExecutor(len(streams) + 1) as pool:
+            running = [
+                pool.submit(self._stream, m, max_tokens, r)
+                for m, r in zip(streams, live, strict=True)
+            ]
+            while not all(len(r.token_times) >= JOIN_AFTER_TOKENS for r in live):
+                if any(f.done() for f in running):
+                    break  # a stream ended early: join now rather than never
+                time.sleep(0.005)
+            joined = pool.submit(self._stream, joiner, joiner_tokens)
+            outs = [f.result() for f in running] + [joined.result()]
         first = min(start for start, _ in outs)
         return [(start - first, result) for start, result in outs]
 
@@ -407,6 +443,48 @@ class InProcessTarget:
         finally:
             gen.close()
         return [(0.0, results[uid]) for uid in uids]
+
+    def chat_join(
+        self, streams: Sequence[Messages], max_tokens: int, joiner: Messages, joiner_tokens: int
+    ) -> list[tuple[float, StreamResult]]:
+        """The join scenario on mlx-lm's own ``BatchGenerator`` (its default prefill chunk):
+        what an application embedding mlx-lm gets."""
+        from mlx_lm.generate import BatchGenerator
+
+        kwargs = self._generation_kwargs()
+        gen = BatchGenerator(
+            self.model,
+            stop_tokens=[[int(t)] for t in self.tokenizer.eos_token_ids],
+            sampler=kwargs["sampler"],
+            logits_processors=kwargs.get("logits_processors"),
+        )
+        start = time.perf_counter()
+        results: dict[int, StreamResult] = {}
+        offsets: dict[int, float] = {}
+        try:
+            prompts = [self._tokens(m) for m in streams]
+            uids = gen.insert(prompts, [max_tokens] * len(prompts))
+            for uid in uids:
+                results[uid], offsets[uid] = StreamResult(), 0.0
+            joiner_uid: int | None = None
+            while responses := gen.next_generated():
+                now = time.perf_counter() - start
+                for r in responses:
+                    res = results[r.uid]
+                    t = now - offsets[r.uid]
+                    if r.finish_reason != "stop":
+                        res.token_times.append(t)
+                    if r.finish_reason is not None:
+                        res.finish_reason, res.finish_time, res.end_time = r.finish_reason, t, t
+                ready = all(len(results[u].token_times) >= JOIN_AFTER_TOKENS for u in uids)
+                if joiner_uid is None and (ready or any(results[u].finish_reason for u in uids)):
+                    (joiner_uid,) = gen.insert([self._tokens(joiner)], [joiner_tokens])
+                    results[joiner_uid] = StreamResult()
+                    offsets[joiner_uid] = time.perf_counter() - start
+        finally:
+            gen.close()
+        order = [*uids, joiner_uid] if joiner_uid is not None else uids
+        return [(offsets[u], results[u]) for u in order]
 
 
 def answer_text(text: str) -> str:

@@ -46,7 +46,7 @@ async def make_client(
         )
         app = create_app(config, engine_factory=lambda _: engine, models=models)
         client = httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://mlxd.test"
+            transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1:8080"
         )
         clients.append(client)
         return client

@@ -49,22 +49,27 @@ LINEAR = Need("big", 10 * GIB, 3 * GIB, 1000, 4096, None, request_for=lambda m: 
     ("n", "s", "kind", "reason", "available", "unload"),
     [
         # The model is resident: the request fits in what the budget and the machine leave.
-        pytest.param(need(), state(QWEN_IDLE), DecisionKind.ADMIT, Reason.FITS, 7 * GIB, None,
+        pytest.param(need(), state(QWEN_IDLE), DecisionKind.JOIN, Reason.FITS, 7 * GIB, None,
                      id="fits-with-resident-model"),
         pytest.param(need(), state(Resident("qwen", 5 * GIB, 1, 2 * GIB), headroom=4 * GIB),
-                     DecisionKind.ADMIT, Reason.FITS, 4 * GIB, None,
+                     DecisionKind.JOIN, Reason.FITS, 4 * GIB, None,
                      id="fits-beside-a-running-request"),
         pytest.param(need(request=2 * GIB), state(QWEN_BUSY, headroom=GIB), DecisionKind.WAIT,
                      Reason.MEMORY_BUSY, GIB, None, id="own-requests-hold-the-memory"),
         pytest.param(need(request=2 * GIB), state(QWEN_IDLE, headroom=GIB), DecisionKind.WAIT,
                      Reason.MACHINE_BUSY, GIB, None, id="other-programs-hold-the-memory"),
+        # The batch's own limit: a sequence joins below max_concurrency, waits at it.
+        pytest.param(need(), state(Resident("qwen", 5 * GIB, 3, GIB, max_concurrency=4)),
+                     DecisionKind.JOIN, Reason.FITS, 6 * GIB, None, id="joins-below-concurrency"),
+        pytest.param(need(), state(Resident("qwen", 5 * GIB, 4, GIB, max_concurrency=4)),
+                     DecisionKind.WAIT, Reason.BATCH_FULL, 0, None, id="batch-full-waits"),
         # Another model, or none, is resident.
         pytest.param(need(), state(None, headroom=10 * GIB), DecisionKind.SWAP, Reason.LOAD,
                      10 * GIB, None, id="load-into-empty-slot"),
         pytest.param(need(), state(OTHER_IDLE, headroom=2 * GIB), DecisionKind.SWAP,
                      Reason.SWAP_IDLE, 8 * GIB, "llama",  # 2 free + 6 freed by the unload
                      id="needs-swap-resident-idle"),
-        pytest.param(need(), state(OTHER_BUSY, headroom=2 * GIB), DecisionKind.WAIT,
+        pytest.param(need(), state(OTHER_BUSY, headroom=2 * GIB), DecisionKind.DRAIN,
                      Reason.RESIDENT_BUSY, 2 * GIB, None, id="needs-swap-resident-busy"),
         pytest.param(need(), state(Resident("llama", 2 * GIB), headroom=GIB), DecisionKind.WAIT,
                      Reason.MACHINE_BUSY, 3 * GIB, None, id="swap-would-not-fit-yet"),
@@ -76,14 +81,14 @@ LINEAR = Need("big", 10 * GIB, 3 * GIB, 1000, 4096, None, request_for=lambda m: 
         # The context limit comes first.
         pytest.param(need(prompt=30000, max_tokens=4096), state(QWEN_IDLE), DecisionKind.REJECT,
                      Reason.CONTEXT, 32768, None, id="context-exceeded"),
-        pytest.param(need(prompt=28672, max_tokens=4096), state(QWEN_IDLE), DecisionKind.ADMIT,
+        pytest.param(need(prompt=28672, max_tokens=4096), state(QWEN_IDLE), DecisionKind.JOIN,
                      Reason.FITS, 7 * GIB, None, id="context-exactly-full"),
-        pytest.param(need(context=None, max_tokens=10**6), state(QWEN_IDLE), DecisionKind.ADMIT,
+        pytest.param(need(context=None, max_tokens=10**6), state(QWEN_IDLE), DecisionKind.JOIN,
                      Reason.FITS, 7 * GIB, None, id="no-context-limit"),
         # Pressure.
         pytest.param(need(), state(QWEN_IDLE, pressure=PressureLevel.RED), DecisionKind.WAIT,
                      Reason.PRESSURE, 7 * GIB, None, id="pressure-red-waits"),
-        pytest.param(need(), state(QWEN_IDLE, pressure=PressureLevel.YELLOW), DecisionKind.ADMIT,
+        pytest.param(need(), state(QWEN_IDLE, pressure=PressureLevel.YELLOW), DecisionKind.JOIN,
                      Reason.FITS, 7 * GIB, None, id="pressure-yellow-admits"),
         # The queue bounds waiting, not admitting.
         pytest.param(need(), state(OTHER_BUSY, queued=32), DecisionKind.REJECT, Reason.OVERLOADED,
@@ -91,9 +96,9 @@ LINEAR = Need("big", 10 * GIB, 3 * GIB, 1000, 4096, None, request_for=lambda m: 
         pytest.param(need(), state(QWEN_IDLE, pressure=PressureLevel.RED, queued=32),
                      DecisionKind.REJECT, Reason.OVERLOADED, 7 * GIB, None,
                      id="queue-full-under-pressure"),
-        pytest.param(need(), state(OTHER_BUSY, queued=31), DecisionKind.WAIT,
+        pytest.param(need(), state(OTHER_BUSY, queued=31), DecisionKind.DRAIN,
                      Reason.RESIDENT_BUSY, 7 * GIB, None, id="last-queue-place"),
-        pytest.param(need(), state(QWEN_IDLE, queued=32), DecisionKind.ADMIT, Reason.FITS,
+        pytest.param(need(), state(QWEN_IDLE, queued=32), DecisionKind.JOIN, Reason.FITS,
                      7 * GIB, None, id="queue-full-but-fits-now"),
         pytest.param(LINEAR, state(OTHER_BUSY, queued=32), DecisionKind.REJECT,
                      Reason.INSUFFICIENT_MEMORY, BUDGET, None, id="never-fits-before-queue-full"),
@@ -180,7 +185,9 @@ def test_overloaded_carries_retry_after() -> None:
     assert err.headers == {"Retry-After": "5"}
 
 
-@pytest.mark.parametrize("kind", [DecisionKind.ADMIT, DecisionKind.WAIT, DecisionKind.SWAP])
+@pytest.mark.parametrize(
+    "kind", [DecisionKind.JOIN, DecisionKind.WAIT, DecisionKind.SWAP, DecisionKind.DRAIN]
+)
 def test_only_refusals_are_errors(kind: DecisionKind) -> None:
     with pytest.raises(ValueError, match=kind.value):
         Decision(kind, Reason.FITS, "", 0, 0).error()

@@ -28,6 +28,7 @@ from server.bench import (
 )
 from server.bench.report import (
     BASELINE,
+    JOINER,
     METRICS,
     MemoryRecord,
     Metric,
@@ -511,6 +512,14 @@ class FakeTarget:
         self.calls.append(("many", len(conversations), max_tokens))
         return [(0.001 * i, self._result(max_tokens)) for i in range(len(conversations))]
 
+    def chat_join(
+        self, streams: Sequence[Messages], max_tokens: int, joiner: Messages, joiner_tokens: int
+    ) -> list[tuple[float, StreamResult]]:
+        self.calls.append(("join", len(streams), max_tokens))
+        return [(0.0, self._result(max_tokens)) for _ in streams] + [
+            (0.025, self._result(joiner_tokens))
+        ]
+
     def new_conversation(self) -> None:
         self.conversations += 1
 
@@ -534,6 +543,7 @@ def test_run_target_covers_the_plan() -> None:
         ("chat", 3): 2,
         ("concurrency", 1): 2 * 1,
         ("concurrency", 4): 2 * 4,
+        ("join", 256): 2 * (2 + 1),  # two running streams and the joiner, per repeat
     }
     assert run.records[0].scenario == "cold"  # the first request the target sees
     # Each chat turn resends the history with the previous answers: system + 2 per turn - 1.
@@ -541,7 +551,7 @@ def test_run_target_covers_the_plan() -> None:
     assert target.histories[1][2] == {"role": "assistant", "content": "ans " * plan.chat_max_tokens}
     assert target.conversations == 2 + 1  # a fresh one per repeat, and one reset at the end
     assert [m.scenario for m in run.memory] == list(plan.scenarios)
-    assert len(said) == 15 + 4  # one line per single request, one per concurrent group
+    assert len(said) == 15 + 4 + 2  # one line per single request, per concurrent group, per join
     offsets = [r.start_offset for r in run.records if r.param == 4 and r.repeat == 0]
     assert offsets == pytest.approx([0.0, 0.001, 0.002, 0.003])
 
@@ -880,7 +890,7 @@ def test_main_end_to_end_with_a_spawned_fake(fake_server: Path, tmp_path: Path) 
     assert code == 1  # the unreachable target failed; the fake was measured
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     scenarios = {r["scenario"] for r in rows if r["kind"] == "request"}
-    assert scenarios == {"cold", "warm", "decode", "prefill", "chat", "concurrency"}
+    assert scenarios == {"cold", "warm", "decode", "prefill", "chat", "concurrency", "join"}
     assert {r["target"] for r in rows if r["kind"] == "error"} == {"gone"}
     assert any(r["kind"] == "metric" and r["name"] == "startup_s" for r in rows)
     markdown = (out / "results.md").read_text()
@@ -889,3 +899,24 @@ def test_main_end_to_end_with_a_spawned_fake(fake_server: Path, tmp_path: Path) 
     assert json.loads((out / "meta.json").read_text())["model"]["name"] == "tiny"
     sent = [json.loads(line) for line in (tmp_path / "requests.jsonl").read_text().splitlines()]
     assert len(sent) == sum(1 for r in rows if r["kind"] == "request")
+
+
+def test_join_metrics_split_gaps_at_the_join() -> None:
+    """Gaps before the long prompt was sent are 'idle'; those overlapping its prefill count as
+    'joining'; the TTFT p95 of a concurrent group is measured from the group's start."""
+    stream_times = [0.1 * i for i in range(1, 11)] + [1.0 + 0.3 * i for i in range(1, 6)]
+    streams = [
+        RequestRecord("t", "join", 512, 0, 10, StreamResult(stream_times, 2.5, 2.5, "length"), i)
+        for i in range(2)
+    ]
+    joiner = RequestRecord("t", "join", 512, 0, 512, StreamResult([1.5], 1.6, 1.6, "length"),
+                           JOINER, start_offset=1.0)  # fmt: skip
+    values = {m.name: m.value for m in summarize([*streams, joiner])}
+    assert values["itl_p95_idle_ms"] == pytest.approx(100)
+    assert values["itl_p95_join_ms"] == pytest.approx(300)
+    assert values["join_itl_ratio"] == pytest.approx(3.0)
+    assert values["join_ttft_ms"] == pytest.approx(1500)
+    late = [RequestRecord("t", "concurrency", 4, 0, 10, StreamResult([0.1 + i], 2, 2, "length"),
+                          i, start_offset=0.0) for i in range(4)]  # fmt: skip
+    p95 = {m.name: m.value for m in summarize(late)}["ttft_p95_ms"]
+    assert 2900 < p95 <= 3100  # the last stream waited 3.1 s: p95 of 0.1, 1.1, 2.1, 3.1

@@ -10,12 +10,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from server.admission import Need
+from server.admission import DecisionKind, Need, Resident
 from server.config import ModelEntry, PathSource
 from server.engine import LoadedModel
 from server.errors import InsufficientMemory
 from server.gate import MemoryGate, RequestNeed
-from server.manager import Verdict
 from server.memory import MemoryBudget, MemorySnapshot, MlxMemory, PressureLevel, PressureReading
 from tests.fakes import FakeEngine
 
@@ -76,9 +75,11 @@ async def test_red_pressure_pauses_admission_until_green(make_client: Client) ->
 async def test_health_reports_memory(make_client: Client) -> None:
     client = make_client(FakeEngine())
     memory = (await client.get("/health")).json()["memory"]
-    for key in ("budget", "in_use", "pressure", "swap_growth", "reserved", "available"):
+    for key in ("budget", "in_use", "pressure", "swap_growth", "available"):
         assert key in memory
     assert memory["pressure"] in ("green", "yellow", "red")
+    batch = (await client.get("/health")).json()["batch"]
+    assert batch["size"] == 0 and batch["reserved"] == 0 and batch["sequences"] == []
 
 
 async def test_models_show_estimated_memory(make_client: Client) -> None:
@@ -122,16 +123,15 @@ def test_gate_evicts_prefix_cache_when_memory_is_short() -> None:
         evict_prefix_cache=lambda: evicted.append(1),
     )
     entry = _entry("m")
-    gate.loaded(entry, LoadedModel(Path("/x"), {}, 0.0, 0, 6 << 30))
+    weights = gate.loaded(entry, LoadedModel(Path("/x"), {}, 0.0, 0, 6 << 30))
+    resident = Resident("m", weights)
     need = RequestNeed(Need("m", weights=6 << 30, request=2 << 30, prompt_tokens=10,
                             max_tokens=10), entry)  # fmt: skip
-    assert gate.check(need, resident=entry, active=0) is Verdict.WAIT
+    assert gate.decide(entry, need, resident).kind is DecisionKind.WAIT
     assert evicted == [1]
     prefix["bytes"] = 0  # the engine dropped it
-    assert gate.check(need, resident=entry, active=0) is Verdict.GO
-    assert gate.reserved == 2 << 30
-    gate.released(need)
-    assert gate.reserved == 0
+    joined = gate.decide(entry, need, resident)
+    assert joined.kind is DecisionKind.JOIN and joined.need == 2 << 30
 
 
 def test_gate_refuses_what_never_fits_before_queueing() -> None:

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from server.config import parse_models
+from server.admission import Decision, Need, Resident, State, decide
+from server.config import ModelEntry, parse_models
+from server.engine import LoadedModel
 from server.errors import ModelLoadFailed, Overloaded
 from server.manager import KeepAlive, ModelManager, ModelState
+from server.memory import GIB
 from server.registry import Registry
 from server.sources import ModelSources
 from tests.fakes import FakeEngine
@@ -54,7 +58,8 @@ async def test_swap_waits_for_in_flight_and_groups_by_model(
     manager, registry = make(tiny_dirs, tmp_path, engine)
     log: list[str] = []
     first = asyncio.create_task(use(manager, registry, "alpha", log, hold=0.1))
-    await asyncio.sleep(0.02)
+    while "start:alpha" not in log:  # alpha is loaded and running before the others arrive
+        await asyncio.sleep(0.005)
     order = ["beta", "alpha", "beta", "alpha", "beta"]
     rest = [asyncio.create_task(use(manager, registry, n, log)) for n in order]
     await asyncio.gather(first, *rest)
@@ -133,3 +138,71 @@ async def test_cancelled_waiter_releases_nothing(
     await asyncio.sleep(0.02)
     assert manager.active == 0 and manager.queue_depth == 0
     assert "load:beta" not in engine.events
+
+
+class BudgetGate:
+    """The real admission rules over a fixed budget (no machine readings); each request needs
+    ``need`` bytes beside the 1 GiB of weights."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.seen_reserved: list[int] = []
+
+    def decide(self, entry: ModelEntry, need: Any, resident: Resident | None) -> Decision:
+        self.seen_reserved.append(resident.reserved if resident else 0)
+        wanted = Need(entry.id, GIB, int(need or 0), 10, 10)
+        return decide(wanted, State(self.budget, self.budget, resident))
+
+    def loaded(self, entry: ModelEntry, info: LoadedModel) -> int:
+        return GIB
+
+    def unloaded(self, entry: ModelEntry) -> None:
+        pass
+
+
+async def hold(manager: ModelManager, entry: ModelEntry, need: int, log: list[str],
+               name: str, seconds: float) -> None:  # fmt: skip
+    async with manager.acquire(entry, need=need):
+        log.append(f"start:{name}")
+        await asyncio.sleep(seconds)
+        log.append(f"end:{name}")
+
+
+async def test_sequence_that_does_not_fit_beside_the_batch_waits_then_runs(
+    tiny_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    gate = BudgetGate(budget=GIB + 6 * GIB)
+    manager, registry = make(tiny_dirs, tmp_path, FakeEngine(), gate=gate)
+    alpha = registry.get("alpha")
+    log: list[str] = []
+    first = asyncio.create_task(hold(manager, alpha, 4 * GIB, log, "first", 0.15))
+    while "start:first" not in log:
+        await asyncio.sleep(0.005)
+    small = asyncio.create_task(hold(manager, alpha, GIB, log, "small", 0.01))
+    await asyncio.sleep(0.03)
+    assert log == ["start:first", "start:small", "end:small"]  # 4 + 1 fits in 6: it joined
+    big = asyncio.create_task(hold(manager, alpha, 4 * GIB, log, "big", 0.01))
+    await asyncio.sleep(0.05)
+    assert "start:big" not in log and manager.queue_depth == 1
+    # Waiting reserves nothing: only the running sequence's 4 GiB is counted.
+    assert manager.batch_status()["reserved"] == 4 * GIB
+    assert manager.batch_status()["queue"][0]["model"] == "alpha"
+    await asyncio.gather(first, small, big)
+    assert log.index("start:big") > log.index("end:first")
+    assert manager.active == 0 and manager.batch_status()["reserved"] == 0
+
+
+async def test_max_concurrency_bounds_the_batch(tiny_dirs: dict[str, Path], tmp_path: Path) -> None:
+    manager, registry = make(tiny_dirs, tmp_path, FakeEngine(), max_concurrency=2)
+    alpha = registry.get("alpha")
+    running: list[int] = []
+
+    async def one() -> None:
+        async with manager.acquire(alpha):
+            running.append(manager.active)
+            await asyncio.sleep(0.02)
+
+    await asyncio.gather(*(one() for _ in range(6)))
+    assert max(running) == 2 and len(running) == 6
+    per_model = manager.concurrency_of(alpha.model_copy(update={"max_concurrency": 5}))
+    assert per_model == 5  # models.yaml's max_concurrency overrides the server's
