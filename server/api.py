@@ -193,24 +193,39 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-@router.post("/v1/chat/completions")
-async def chat_completions(request: Request) -> Response:
-    state = _state(request)
-    if state.draining:
+def refuse_if_draining(request: Request) -> None:
+    if _state(request).draining:
         raise ShuttingDown("the server is shutting down; retry shortly")
-    chat_request = await parse_chat_request(request)
-    service: ChatService = state.chat
-    entry = state.router.pick(chat_request)
+
+
+async def start_run(
+    request: Request, chat_request: ChatRequest, entry: ModelEntry, **options: Any
+) -> ChatRun:
+    """Admit one generation, whichever API asked: the caller's rights, the in-flight limit,
+    then the chat service (``options`` go to :meth:`ChatService.start`)."""
+    state = _state(request)
+    refuse_if_draining(request)
     check_model_changes(request, chat_request, entry)
     slot = state.inflight.enter()
+    service: ChatService = state.chat
     try:
-        run = await service.start(chat_request, entry)
+        run = await service.start(chat_request, entry, **options)
     except BaseException:
         slot.release()
         raise
     run.on_close(slot.release)
     if request.client is not None:
         run.client = f"{request.client.host}:{request.client.port}"
+    return run
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request) -> Response:
+    state = _state(request)
+    refuse_if_draining(request)
+    chat_request = await parse_chat_request(request)
+    entry = state.router.pick(chat_request)
+    run = await start_run(request, chat_request, entry)
     headers = {"x-mlxd-model": run.model}
     if chat_request.stream:
         events = sse_events(run, chat_request.include_usage)

@@ -22,7 +22,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from server.api import sse_response
+from server.api import sse_response, start_run
 from server.apis.common import (
     BlockEvent,
     Blocks,
@@ -387,7 +387,7 @@ async def create_message(request: Request) -> Response:
     if req.max_tokens is None:
         raise BadRequest("max_tokens: Field required", param="max_tokens")
     chat = to_chat_request(req)
-    run = await state.chat.start(chat, state.router.pick(chat), cap_max_tokens=True)
+    run = await start_run(request, chat, state.router.pick(chat), cap_max_tokens=True)
     msg_id = message_id()
     headers = {"x-mlxd-model": run.model, "request-id": msg_id}
     if req.stream:

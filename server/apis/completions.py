@@ -24,7 +24,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from server.api import sse_response
+from server.api import sse_response, start_run
 from server.apis.common import app_state, chat_request, guarded, parse_body
 from server.chat import ChatRun, Finish
 from server.errors import BadRequest, MlxdError
@@ -256,7 +256,7 @@ async def create_completion(request: Request) -> Response:
     tokenizer = await state.registry.tokenizer(entry)
     ids, stops = build_prompt(tokenizer, entry.id, prompt, req.suffix)
     chat = to_chat_request(req, stops)
-    run = await state.chat.start(chat, entry, raw_prompt=ids)
+    run = await start_run(request, chat, entry, raw_prompt=ids)
     echo = "" if not req.echo else prompt if isinstance(prompt, str) else tokenizer.decode(prompt)
     headers = {"x-mlxd-model": run.model}
     if req.stream:

@@ -24,6 +24,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.background import BackgroundTask
 
+from server.api import check_model_changes, refuse_if_draining, start_run
 from server.apis.common import (
     Blocks,
     app_state,
@@ -283,9 +284,13 @@ async def answer(reply: Reply, stream: bool) -> Response:
     )
 
 
-async def load_or_unload(state: AppState, body: Common, chat: bool) -> Response:
-    """Ollama's way to (un)load: a request with nothing to generate."""
+async def load_or_unload(request: Request, body: Common, chat: bool) -> Response:
+    """Ollama's way to (un)load: a request with nothing to generate (the same rights apply as
+    for a generation: unloading or a first download needs a trusted caller)."""
+    state = app_state(request)
+    refuse_if_draining(request)
     entry = state.router.pick_name(local_name(body.model))
+    check_model_changes(request, to_chat_request(body, [{"role": "user", "content": ""}]), entry)
     try:
         seconds = parse_duration(body.keep_alive) if body.keep_alive is not None else None
     except ValueError as exc:
@@ -314,9 +319,9 @@ async def chat(request: Request) -> Response:
     state = app_state(request)
     body = await parse_body(request, ChatBody)
     if not body.messages:
-        return await load_or_unload(state, body, chat=True)
+        return await load_or_unload(request, body, chat=True)
     req = to_chat_request(body, messages_of(body))
-    run = await state.chat.start(req, state.router.pick(req), cap_max_tokens=True)
+    run = await start_run(request, req, state.router.pick(req), cap_max_tokens=True)
     return await answer(Reply(body.model, run, True, t0), body.stream)
 
 
@@ -336,7 +341,7 @@ async def generate(request: Request) -> Response:
             "'context' is not supported; send the conversation to /api/chat", param="context"
         )
     if not body.prompt and body.suffix is None:
-        return await load_or_unload(state, body, chat=False)
+        return await load_or_unload(request, body, chat=False)
     if body.raw or body.suffix is not None:
         req = to_chat_request(body, [{"role": "user", "content": ""}])
         entry = state.router.pick(req)
@@ -344,12 +349,12 @@ async def generate(request: Request) -> Response:
         ids, stops = build_prompt(tokenizer, entry.id, body.prompt, body.suffix)
         if stops:
             req = req.model_copy(update={"stop": req.stop_list + stops})
-        run = await state.chat.start(req, entry, raw_prompt=ids, cap_max_tokens=True)
+        run = await start_run(request, req, entry, raw_prompt=ids, cap_max_tokens=True)
     else:
         messages = [{"role": "system", "content": body.system}] if body.system else []
         messages.append({"role": "user", "content": body.prompt})
         req = to_chat_request(body, messages)
-        run = await state.chat.start(req, state.router.pick(req), cap_max_tokens=True)
+        run = await start_run(request, req, state.router.pick(req), cap_max_tokens=True)
     return await answer(Reply(body.model, run, False, t0), body.stream)
 
 

@@ -29,7 +29,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from server.api import sse_response
+from server.api import sse_response, start_run
 from server.apis.common import (
     BlockEvent,
     Blocks,
@@ -522,7 +522,7 @@ async def create_response(request: Request) -> Response:
         if req.store:
             store.put(Stored(body, turn + reply_messages(body["output"])))
 
-    run = await state.chat.start(chat, state.router.pick(chat))
+    run = await start_run(request, chat, state.router.pick(chat))
     shape = Shape(req, run)
     headers = {"x-mlxd-model": run.model}
     if req.stream:

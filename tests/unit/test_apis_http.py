@@ -274,3 +274,25 @@ async def test_a_claude_code_style_request(make_client: Client) -> None:
     # Its fixed max_tokens is a cap: lowered to the room the 512-token context leaves.
     request = engine.requests[0]
     assert request.max_tokens == 512 - len(request.prompt)
+
+
+async def test_every_api_applies_the_same_caller_rights(make_client: Client) -> None:
+    """A web page allowed by CORS may generate but not unload the model, through any API."""
+    client = make_client(FakeEngine(), settings={"cors_origins": ("https://app.example",)})
+    page = {"origin": "https://app.example"}
+    unload_requests = [
+        ("/api/chat", {"model": "a", "messages": USER, "keep_alive": 0}),
+        ("/api/chat", {"model": "a", "messages": [], "keep_alive": 0}),
+        ("/api/generate", {"model": "a", "keep_alive": 0}),
+    ]
+    for path, body in unload_requests:
+        r = await client.post(path, json=body, headers=page)
+        assert r.status_code == 403 and "keep_alive" in r.json()["error"], (path, body)
+    allowed = [
+        ("/v1/messages", {"model": "a", "max_tokens": 5, "messages": USER}),
+        ("/v1/responses", {"model": "a", "input": "hi"}),
+        ("/v1/completions", {"model": "a", "prompt": "hi"}),
+        ("/api/chat", {"model": "a", "messages": USER, "stream": False}),
+    ]
+    for path, body in allowed:
+        assert (await client.post(path, json=body, headers=page)).status_code == 200, path
