@@ -12,8 +12,8 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -32,6 +32,7 @@ from server.render import completion, sse_events
 from server.state import AppState
 
 log = logging.getLogger("mlxd.api")
+T = TypeVar("T")
 router = APIRouter()
 
 
@@ -168,10 +169,10 @@ def check_model_changes(request: Request, chat: ChatRequest, entry: ModelEntry) 
         )
 
 
-async def until_disconnected(request: Request, run: ChatRun) -> dict[str, Any] | None:
-    """The folded completion, or None if the client went away first (the run is cancelled
-    within one token, so nobody's GPU time goes to an answer no one will read)."""
-    task = asyncio.ensure_future(completion(run))
+async def until_disconnected(request: Request, run: ChatRun, reply: Awaitable[T]) -> T | None:
+    """The folded ``reply`` to ``run``, or None if the client went away first (the run is
+    cancelled within one token, so nobody's GPU time goes to an answer no one will read)."""
+    task = asyncio.ensure_future(reply)
     gone = asyncio.ensure_future(_disconnected(request))
     try:
         await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
@@ -230,7 +231,7 @@ async def chat_completions(request: Request) -> Response:
     if chat_request.stream:
         events = sse_events(run, chat_request.include_usage)
         return sse_response(events, run, state.settings.sse_ping_seconds, headers)
-    body = await until_disconnected(request, run)
+    body = await until_disconnected(request, run, completion(run))
     if body is None:
         return Response(status_code=499)  # nobody is listening; nginx's "client closed"
     if run.cause == "shutdown":

@@ -22,7 +22,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from server.api import sse_response, start_run
+from server.api import sse_response, start_run, until_disconnected
 from server.apis.common import (
     BlockEvent,
     Blocks,
@@ -392,7 +392,10 @@ async def create_message(request: Request) -> Response:
     headers = {"x-mlxd-model": run.model, "request-id": msg_id}
     if req.stream:
         return sse_response(stream(run, msg_id), run, state.settings.sse_ping_seconds, headers)
-    return JSONResponse(await message(run, msg_id), headers=headers)
+    body = await until_disconnected(request, run, message(run, msg_id))
+    if body is None:
+        return Response(status_code=499)  # the client is gone
+    return JSONResponse(body, headers=headers)
 
 
 @router.post("/v1/messages/count_tokens")

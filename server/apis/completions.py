@@ -24,7 +24,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from server.api import sse_response, start_run
+from server.api import sse_response, start_run, until_disconnected
 from server.apis.common import app_state, chat_request, guarded, parse_body
 from server.chat import ChatRun, Finish
 from server.errors import BadRequest, MlxdError
@@ -262,4 +262,7 @@ async def create_completion(request: Request) -> Response:
     if req.stream:
         events = stream(run, echo, chat.include_usage)
         return sse_response(events, run, state.settings.sse_ping_seconds, headers)
-    return JSONResponse(await completion(run, echo), headers=headers)
+    body = await until_disconnected(request, run, completion(run, echo))
+    if body is None:
+        return Response(status_code=499)  # the client is gone
+    return JSONResponse(body, headers=headers)

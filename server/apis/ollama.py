@@ -24,7 +24,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.background import BackgroundTask
 
-from server.api import check_model_changes, refuse_if_draining, start_run
+from server.api import check_model_changes, refuse_if_draining, start_run, until_disconnected
 from server.apis.common import (
     Blocks,
     app_state,
@@ -271,12 +271,14 @@ def ndjson(reply: Reply) -> AsyncIterator[str]:
     return guarded(reply.run, _lines(reply), lambda exc: dumps(error_body(exc)) + "\n")
 
 
-async def answer(reply: Reply, stream: bool) -> Response:
+async def answer(request: Request, reply: Reply, stream: bool) -> Response:
     if stream:
         return StreamingResponse(
             ndjson(reply), media_type=NDJSON, background=BackgroundTask(reply.run.aclose)
         )
-    folded = await fold(reply.run)
+    folded = await until_disconnected(request, reply.run, fold(reply.run))
+    if folded is None:
+        return Response(status_code=499)  # the client is gone
     return JSONResponse(
         reply.done(
             folded.finish, content=folded.content, thinking=folded.reasoning, calls=folded.calls
@@ -322,7 +324,7 @@ async def chat(request: Request) -> Response:
         return await load_or_unload(request, body, chat=True)
     req = to_chat_request(body, messages_of(body))
     run = await start_run(request, req, state.router.pick(req), cap_max_tokens=True)
-    return await answer(Reply(body.model, run, True, t0), body.stream)
+    return await answer(request, Reply(body.model, run, True, t0), body.stream)
 
 
 @router.post("/api/generate")
@@ -355,7 +357,7 @@ async def generate(request: Request) -> Response:
         messages.append({"role": "user", "content": body.prompt})
         req = to_chat_request(body, messages)
         run = await start_run(request, req, state.router.pick(req), cap_max_tokens=True)
-    return await answer(Reply(body.model, run, False, t0), body.stream)
+    return await answer(request, Reply(body.model, run, False, t0), body.stream)
 
 
 def _digest(entry: ModelEntry) -> str:

@@ -29,7 +29,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from server.api import sse_response, start_run
+from server.api import sse_response, start_run, until_disconnected
 from server.apis.common import (
     BlockEvent,
     Blocks,
@@ -528,7 +528,9 @@ async def create_response(request: Request) -> Response:
     if req.stream:
         events = stream(shape, remember)
         return sse_response(events, run, state.settings.sse_ping_seconds, headers)
-    folded = await fold(run)
+    folded = await until_disconnected(request, run, fold(run))
+    if folded is None:
+        return Response(status_code=499)  # the client is gone
     body = shape.finished(folded.finish, output_items(folded, shape.opaque))
     remember(body)
     return JSONResponse(body, headers=headers)
