@@ -229,3 +229,11 @@ def test_connection_cap_stays_below_the_open_file_limit() -> None:
     assert connection_cap(1 << 20, None) == 4096
     assert connection_cap(2048, 5000) == 1920
     assert connection_cap(2048, 100) == 100
+
+
+async def test_lone_surrogate_in_a_key_is_reported_printably(make_client: Client) -> None:
+    client = make_client(FakeEngine())
+    raw = b'{"model":"a","messages":[{"role":"user","content":"Hi"}],"chat_template_kwargs":'
+    r = await post_raw(client, raw + b'{"\\ud800":1}}')
+    assert r.status_code == 400
+    assert r.json()["error"]["param"] == "chat_template_kwargs.\\ud800"
