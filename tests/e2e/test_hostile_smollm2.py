@@ -432,7 +432,41 @@ REQUEST = st.fixed_dictionaries(
     },
     optional=FIELDS,
 )
-BODY = st.one_of(REQUEST, REQUEST, REQUEST, st.binary(max_size=40), JSONISH)
+# Valid requests with extreme but legal values: these reach the model and the sampler.
+VALID_TOOL = st.fixed_dictionaries(
+    {"type": st.just("function"),
+     "function": st.fixed_dictionaries({"name": st.sampled_from(["get_weather", "lookup"]),
+                                        "parameters": SCHEMA.filter(lambda s: "$ref" not in s)})}
+)  # fmt: skip
+VALID = st.fixed_dictionaries(
+    {
+        "model": st.just("smollm2"),
+        "messages": st.lists(
+            st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant"]),
+                                   "content": st.text(max_size=40)}),
+            min_size=1, max_size=3,
+        ),
+        "max_tokens": st.sampled_from([1, 2]),
+    },
+    optional={
+        "temperature": st.floats(0, 2), "top_p": st.floats(1e-9, 1), "min_p": st.floats(0, 1),
+        "top_k": st.integers(-1, 2**40), "seed": st.integers(-1, 2**64 - 1),
+        "presence_penalty": st.floats(-2, 2), "frequency_penalty": st.floats(-2, 2),
+        "repetition_penalty": st.floats(1e-9, 1e9),
+        "logit_bias": st.dictionaries(st.integers(0, 49151).map(str), st.floats(-100, 100),
+                                      max_size=5),
+        "stop": st.lists(st.text(min_size=1, max_size=8), max_size=4),
+        "stream": st.booleans(),
+        "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}),
+        "ignore_eos": st.booleans(),
+        "tools": st.lists(VALID_TOOL, min_size=1, max_size=2),
+        "tool_choice": st.sampled_from(["auto", "none", "required"]),
+        "chat_template_kwargs": st.dictionaries(st.sampled_from(["enable_thinking", "x"]),
+                                                st.booleans(), max_size=2),
+        "keep_alive": st.sampled_from(["5m", -1, "1h"]),
+    },
+)  # fmt: skip
+BODY = st.one_of(VALID, VALID, REQUEST, REQUEST, st.binary(max_size=40), JSONISH)
 
 
 def send(http: httpx.Client, body: Any) -> None:
@@ -461,7 +495,7 @@ def test_fuzz_every_field(
     change in the greedy probe's output."""
     assert probe(http) == baseline
 
-    @settings(max_examples=80, deadline=None, database=None,
+    @settings(max_examples=70, deadline=None, database=None,
               suppress_health_check=list(HealthCheck))  # fmt: skip
     @given(BODY)
     def one(body: Any) -> None:
