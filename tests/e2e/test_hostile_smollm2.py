@@ -529,8 +529,8 @@ def test_sigterm_drains_then_ends_streams_with_done(smollm2_dir: Path, tmp_path:
                 for line in r.iter_lines():
                     if line.startswith("data: "):
                         payloads.append(line[6:])
-                        if '"content"' in line:
-                            started.set()
+                        if '"content":"' in line and '"content":""' not in line:
+                            started.set()  # a token arrived, not just the role chunk
             out[name] = payloads
 
         def plain() -> None:
