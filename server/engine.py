@@ -147,6 +147,7 @@ class MLXEngine:
             except Exception as exc:
                 loop.call_soon_threadsafe(_set_exception, future, exc)
             else:
+                self._snapshot_memory()  # a caller awaiting a load/unload sees its effect
                 loop.call_soon_threadsafe(_set_result, future, result)
 
         self._jobs.put(job)

@@ -356,6 +356,25 @@ def test_health_is_fast_during_a_long_generation(server: RunningServer) -> None:
     _wait_for_log(server, r"completion=\d+ .*finish=cancelled cancelled=client_disconnected")
 
 
+def test_huge_prompt_is_refused_without_stalling(server: RunningServer, http: httpx.Client) -> None:
+    """20 MB of prompt: refused as too long for the context, and /health answers meanwhile."""
+    body = {"model": "smollm2", "max_tokens": 1,
+            "messages": [{"role": "user", "content": "word " * 4_000_000}]}  # fmt: skip
+    result: dict[str, httpx.Response] = {}
+    worker = threading.Thread(target=lambda: result.update(r=chat(http, body)))
+    worker.start()
+    slowest = 0.0
+    while worker.is_alive():
+        start = time.monotonic()
+        assert httpx.get(f"{server.root}/health", timeout=5).status_code == 200
+        slowest = max(slowest, time.monotonic() - start)
+        time.sleep(0.05)
+    worker.join()
+    assert result["r"].status_code == 400
+    assert result["r"].json()["error"]["code"] == "context_length_exceeded"
+    assert slowest < 0.5, f"/health took {slowest:.3f}s while a 20 MB prompt was handled"
+
+
 # ---- fuzzing ----------------------------------------------------------------------------------
 
 NUMBER = st.one_of(
@@ -540,7 +559,16 @@ def test_sigterm_drains_then_ends_streams_with_done(smollm2_dir: Path, tmp_path:
         short_started, long_started = threading.Event(), threading.Event()
         threads = [threading.Thread(target=stream, args=("short", 6, short_started))]
         threads[0].start()
-        assert short_started.wait(60)
+        # The first request loads the model: /health must not wait for that either.
+        states, slowest = set(), 0.0
+        while not short_started.is_set():
+            start = time.monotonic()
+            health = httpx.get(f"{srv.root}/health", timeout=5)
+            slowest = max(slowest, time.monotonic() - start)
+            states.add(health.json()["resident_state"])
+            time.sleep(0.05)
+        assert "loading" in states
+        assert slowest < 0.5, f"/health took {slowest:.3f}s during a model load"
         threads.append(threading.Thread(target=stream, args=("long", 3000, long_started)))
         threads.append(threading.Thread(target=plain))
         threads[1].start()
