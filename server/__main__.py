@@ -120,16 +120,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # so the first request does not pay for it.
     model_dir = state.registry.prepare_sync(default, progress=True)
     print(banner(settings, default.id, model_dir), file=sys.stderr, flush=True)
-    config = listener.config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level="warning" if settings.log_level == "info" else settings.log_level,
-        header_timeout=settings.header_timeout,
-        max_header_bytes=settings.max_header_bytes,
-        max_connections=max_connections,
-        drain_timeout=settings.drain_timeout,
-    )
+    log_level = "warning" if settings.log_level == "info" else settings.log_level
+    config = listener.config(app, settings, log_level=log_level, max_connections=max_connections)
     server = listener.DrainingServer(
         config, settings.drain_timeout, state.drain_started, state.drain_expired
     )
