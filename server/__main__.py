@@ -108,11 +108,12 @@ def banner(settings: Settings, model_id: str, model_dir: Path) -> str:
 def cmd_serve(args: argparse.Namespace) -> int:
     from server import listener
     from server.app import create_app
-    from server.limits import connection_cap, raise_open_file_limit
+    from server.limits import connection_cap, listen_backlog, raise_open_file_limit
 
     settings = _settings(args)
     setup_logging(settings.log_level)
-    max_connections = connection_cap(raise_open_file_limit(), settings.max_connections)
+    open_files = raise_open_file_limit()
+    max_connections = connection_cap(open_files, settings.max_connections)
     app = create_app(settings)
     state = app.state.mlxd
     default = state.registry.default
@@ -121,7 +122,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     model_dir = state.registry.prepare_sync(default, progress=True)
     print(banner(settings, default.id, model_dir), file=sys.stderr, flush=True)
     log_level = "warning" if settings.log_level == "info" else settings.log_level
-    config = listener.config(app, settings, log_level=log_level, max_connections=max_connections)
+    config = listener.config(
+        app,
+        settings,
+        log_level=log_level,
+        max_connections=max_connections,
+        backlog=listen_backlog(open_files, max_connections),
+    )
     server = listener.DrainingServer(
         config, settings.drain_timeout, state.drain_started, state.drain_expired
     )

@@ -130,9 +130,12 @@ class DrainingServer(uvicorn.Server):
             timer.cancel()
 
 
-def config(app: Any, settings: Settings, *, log_level: str, max_connections: int) -> uvicorn.Config:
+def config(
+    app: Any, settings: Settings, *, log_level: str, max_connections: int, backlog: int
+) -> uvicorn.Config:
     return uvicorn.Config(
         app,
+        backlog=backlog,
         host=settings.host,
         port=settings.port,
         log_level=log_level,
