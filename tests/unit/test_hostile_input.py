@@ -183,6 +183,8 @@ async def test_queue_limit_refuses_with_retry_after(make_client: Client) -> None
     engine = FakeEngine(delay=0.5)  # each request holds its place for 1.5 s
     client = make_client(engine, settings={"queue_size": 2})
     body = {"model": "a", "messages": USER}
+    # Loaded first: while it loads, the manager's own queue (waiters only) refuses earlier.
+    assert (await client.post("/v1/chat/completions", json=body)).status_code == 200
     results = await asyncio.gather(
         *(client.post("/v1/chat/completions", json=body) for _ in range(8))
     )
