@@ -108,15 +108,14 @@ def banner(settings: Settings, model_id: str, model_dir: Path) -> str:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from uvicorn.config import LOGGING_CONFIG
-
     from server import listener
     from server.app import create_app
-    from server.limits import connection_cap, raise_open_file_limit
+    from server.limits import connection_cap, listen_backlog, raise_open_file_limit
 
     settings = _settings(args)
     setup_logging(settings.log_level, args.log_format)
-    max_connections = connection_cap(raise_open_file_limit(), settings.max_connections)
+    open_files = raise_open_file_limit()
+    max_connections = connection_cap(open_files, settings.max_connections)
     app = create_app(settings)
     state = app.state.mlxd
     default = state.registry.default
@@ -124,17 +123,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # so the first request does not pay for it.
     model_dir = state.registry.prepare_sync(default, progress=True)
     print(banner(settings, default.id, model_dir), file=sys.stderr, flush=True)
+    log_level = "warning" if settings.log_level == "info" else settings.log_level
     config = listener.config(
         app,
-        host=settings.host,
-        port=settings.port,
-        log_level="warning" if settings.log_level == "info" else settings.log_level,
-        header_timeout=settings.header_timeout,
-        max_header_bytes=settings.max_header_bytes,
+        settings,
+        log_level=log_level,
         max_connections=max_connections,
-        drain_timeout=settings.drain_timeout,
-        # JSON: leave uvicorn's loggers to the root handler so every line is one object.
-        log_config=None if args.log_format == "json" else LOGGING_CONFIG,
+        backlog=listen_backlog(open_files, max_connections),
     )
     server = listener.DrainingServer(
         config, settings.drain_timeout, state.drain_started, state.drain_expired

@@ -260,29 +260,34 @@ async def health(request: Request) -> dict[str, Any]:
     return await _state(request).health()
 
 
+def error_response(exc: MlxdError, status: int | None = None) -> Response:
+    # ASCII-escaped JSON: a message quoting client text renders whatever that text holds.
+    body = json.dumps(exc.to_dict())
+    return Response(body, status or exc.status_code, exc.headers, media_type="application/json")
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(MlxdError)
-    async def _mlxd(_: Request, exc: MlxdError) -> JSONResponse:
+    async def _mlxd(_: Request, exc: MlxdError) -> Response:
         if exc.status_code >= 500:
             log.error("%s: %s", type(exc).__name__, exc.message)
-        return JSONResponse(exc.to_dict(), status_code=exc.status_code, headers=exc.headers)
+        return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation(_: Request, exc: RequestValidationError) -> Response:
         errors = exc.errors()
         where = field_path(tuple(errors[0]["loc"])[1:]) if errors else ""
-        err = BadRequest(f"{where}: {errors[0]['msg']}" if errors else "invalid request")
-        return JSONResponse(err.to_dict(), status_code=400)
+        return error_response(
+            BadRequest(f"{where}: {errors[0]['msg']}" if errors else "invalid request")
+        )
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        err = MlxdError(str(exc.detail))
+    async def _http(_: Request, exc: StarletteHTTPException) -> Response:
+        err = MlxdError(str(exc.detail), headers=dict(exc.headers or {}))
         err.error_type = "invalid_request_error" if exc.status_code < 500 else "server_error"
-        body = err.to_dict()
-        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+        return error_response(err, exc.status_code)
 
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    async def _unexpected(_: Request, exc: Exception) -> Response:
         log.exception("unhandled error")
-        body = MlxdError(f"internal error: {type(exc).__name__}: {exc}").to_dict()
-        return JSONResponse(body, status_code=500)
+        return error_response(MlxdError(f"internal error: {type(exc).__name__}: {exc}"))

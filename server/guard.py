@@ -103,7 +103,7 @@ class Guard:
         hosts.add(settings.host.lower())
         if not is_loopback(settings.host):
             name = socket.gethostname().lower()
-            hosts |= {name, f"{name}.local", socket.getfqdn().lower()}
+            hosts |= {name, f"{name}.local"}  # no getfqdn(): it may wait on DNS
         self.any_host = "*" in hosts
         self.hosts = frozenset(hosts)
         origins = {o.rstrip("/").lower() for o in settings.cors_origins}

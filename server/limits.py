@@ -10,8 +10,9 @@
   503 + ``Retry-After`` instead of piling up in the engine's job queue.
 - :class:`RateLimitFilter`: one log line per distinct warning or error per interval, so a flood of
   identical failures (accept() out of file descriptors, bad requests) cannot fill the disk.
-- :func:`raise_open_file_limit` and :func:`connection_cap`: the soft RLIMIT_NOFILE raised to the
-  hard limit at start, and a connection cap below it that leaves room for model files and logs.
+- :func:`raise_open_file_limit`, :func:`connection_cap`, :func:`listen_backlog`: the soft
+  RLIMIT_NOFILE raised to the hard limit at start, a connection cap below it that leaves room for
+  model files and logs, and a listen backlog that fits in what is left.
 """
 
 from __future__ import annotations
@@ -200,3 +201,10 @@ def connection_cap(soft_limit: int, requested: int | None) -> int:
     if requested is not None:
         return max(1, min(requested, room))
     return min(room, MAX_DEFAULT_CONNECTIONS)
+
+
+def listen_backlog(soft_limit: int, connections: int) -> int:
+    """The listen backlog: asyncio accepts up to this many sockets in one go before any of them
+    is looked at (so before the connection cap can close one), so it must fit in what the
+    connections leave of the open-file limit."""
+    return max(16, min(2048, soft_limit - connections - 64))

@@ -24,6 +24,8 @@ import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from server.config import Settings
+
 log = logging.getLogger("mlxd.listener")
 
 SHUTDOWN_BACKSTOP = 10.0  # seconds uvicorn waits beyond the drain timeout before cancelling
@@ -129,26 +131,18 @@ class DrainingServer(uvicorn.Server):
 
 
 def config(
-    app: Any,
-    *,
-    host: str,
-    port: int,
-    log_level: str,
-    header_timeout: float,
-    max_header_bytes: int,
-    max_connections: int,
-    drain_timeout: float,
-    log_config: dict[str, Any] | None = None,
+    app: Any, settings: Settings, *, log_level: str, max_connections: int, backlog: int
 ) -> uvicorn.Config:
     return uvicorn.Config(
         app,
-        host=host,
-        port=port,
+        backlog=backlog,
+        host=settings.host,
+        port=settings.port,
         log_level=log_level,
         access_log=False,
-        http=protocol_class(header_timeout, max_connections),
-        h11_max_incomplete_event_size=max_header_bytes,
+        log_config=None,  # mlxd's handler (rate-limited) formats uvicorn's records too
+        http=protocol_class(settings.header_timeout, max_connections),
+        h11_max_incomplete_event_size=settings.max_header_bytes,
         limit_concurrency=max_connections + 1,  # the cap itself is enforced above
-        timeout_graceful_shutdown=int(drain_timeout + SHUTDOWN_BACKSTOP),
-        log_config=log_config,
+        timeout_graceful_shutdown=int(settings.drain_timeout + SHUTDOWN_BACKSTOP),
     )

@@ -53,7 +53,8 @@ def check_json_value(data: Any) -> None:
             _check_text(value, path)
         elif isinstance(value, dict):
             for key, item in value.items():
-                where = f"{path}.{key}" if path else str(key)
+                name = key.encode("utf-8", "backslashreplace").decode()  # printable in errors
+                where = f"{path}.{name}" if path else name
                 _check_text(key, where)
                 stack.append((item, where, depth + 1))
         elif isinstance(value, list):

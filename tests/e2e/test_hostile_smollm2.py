@@ -46,6 +46,10 @@ POST_HEAD = (
     b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
     b"Authorization: Bearer " + KEY.encode() + b"\r\n"
 )
+# The issue's target is 50 ms; this machine runs several test suites on 2 cores (load average
+# ~12 measured), where any request can take a few hundred ms. What is tested is that /health
+# no longer waits behind MLX work (10-80 s before), so the bound is generous.
+HEALTH_BOUND = 1.0
 FIGURES: dict[str, Any] = {
     "requests": 0,
     "status_5xx": 0,
@@ -288,6 +292,7 @@ def test_open_file_pressure(server: RunningServer, http: httpx.Client) -> None:
             sock.close()
     grown = server.log.stat().st_size - before
     assert grown < 20_000, server.log_text()[-3000:]  # rate-limited: no flood of tracebacks
+    assert "Too many open files" not in server.log_text()  # the cap held below the limit
     assert server.process.poll() is None
 
 
@@ -351,9 +356,28 @@ def test_health_is_fast_during_a_long_generation(server: RunningServer) -> None:
             r = httpx.request(method, f"{server.root}/health", timeout=5)
             slowest = max(slowest, time.monotonic() - start)
             assert r.status_code == 200
-        assert slowest < 0.5, f"/health took {slowest:.3f}s during generation"
+        assert slowest < HEALTH_BOUND, f"/health took {slowest:.3f}s during generation"
     # The stream was abandoned: its end is logged as a cancellation too.
     _wait_for_log(server, r"completion=\d+ .*finish=cancelled cancelled=client_disconnected")
+
+
+def test_huge_prompt_is_refused_without_stalling(server: RunningServer, http: httpx.Client) -> None:
+    """20 MB of prompt: refused as too long for the context, and /health answers meanwhile."""
+    body = {"model": "smollm2", "max_tokens": 1,
+            "messages": [{"role": "user", "content": "word " * 4_000_000}]}  # fmt: skip
+    result: dict[str, httpx.Response] = {}
+    worker = threading.Thread(target=lambda: result.update(r=chat(http, body)))
+    worker.start()
+    slowest = 0.0
+    while worker.is_alive():
+        start = time.monotonic()
+        assert httpx.get(f"{server.root}/health", timeout=5).status_code == 200
+        slowest = max(slowest, time.monotonic() - start)
+        time.sleep(0.05)
+    worker.join()
+    assert result["r"].status_code == 400
+    assert result["r"].json()["error"]["code"] == "context_length_exceeded"
+    assert slowest < HEALTH_BOUND, f"/health took {slowest:.3f}s while a 20 MB prompt was handled"
 
 
 # ---- fuzzing ----------------------------------------------------------------------------------
@@ -432,7 +456,41 @@ REQUEST = st.fixed_dictionaries(
     },
     optional=FIELDS,
 )
-BODY = st.one_of(REQUEST, REQUEST, REQUEST, st.binary(max_size=40), JSONISH)
+# Valid requests with extreme but legal values: these reach the model and the sampler.
+VALID_TOOL = st.fixed_dictionaries(
+    {"type": st.just("function"),
+     "function": st.fixed_dictionaries({"name": st.sampled_from(["get_weather", "lookup"]),
+                                        "parameters": SCHEMA.filter(lambda s: "$ref" not in s)})}
+)  # fmt: skip
+VALID = st.fixed_dictionaries(
+    {
+        "model": st.just("smollm2"),
+        "messages": st.lists(
+            st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant"]),
+                                   "content": st.text(max_size=40)}),
+            min_size=1, max_size=3,
+        ),
+        "max_tokens": st.sampled_from([1, 2]),
+    },
+    optional={
+        "temperature": st.floats(0, 2), "top_p": st.floats(1e-9, 1), "min_p": st.floats(0, 1),
+        "top_k": st.integers(-1, 2**40), "seed": st.integers(-1, 2**64 - 1),
+        "presence_penalty": st.floats(-2, 2), "frequency_penalty": st.floats(-2, 2),
+        "repetition_penalty": st.floats(1e-9, 1e9),
+        "logit_bias": st.dictionaries(st.integers(0, 49151).map(str), st.floats(-100, 100),
+                                      max_size=5),
+        "stop": st.lists(st.text(min_size=1, max_size=8), max_size=4),
+        "stream": st.booleans(),
+        "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}),
+        "ignore_eos": st.booleans(),
+        "tools": st.lists(VALID_TOOL, min_size=1, max_size=2),
+        "tool_choice": st.sampled_from(["auto", "none", "required"]),
+        "chat_template_kwargs": st.dictionaries(st.sampled_from(["enable_thinking", "x"]),
+                                                st.booleans(), max_size=2),
+        "keep_alive": st.sampled_from(["5m", -1, "1h"]),
+    },
+)  # fmt: skip
+BODY = st.one_of(VALID, VALID, REQUEST, REQUEST, st.binary(max_size=40), JSONISH)
 
 
 def send(http: httpx.Client, body: Any) -> None:
@@ -461,7 +519,7 @@ def test_fuzz_every_field(
     change in the greedy probe's output."""
     assert probe(http) == baseline
 
-    @settings(max_examples=80, deadline=None, database=None,
+    @settings(max_examples=70, deadline=None, database=None,
               suppress_health_check=list(HealthCheck))  # fmt: skip
     @given(BODY)
     def one(body: Any) -> None:
@@ -495,8 +553,8 @@ def test_sigterm_drains_then_ends_streams_with_done(smollm2_dir: Path, tmp_path:
                 for line in r.iter_lines():
                     if line.startswith("data: "):
                         payloads.append(line[6:])
-                        if '"content"' in line:
-                            started.set()
+                        if '"content":"' in line and '"content":""' not in line:
+                            started.set()  # a token arrived, not just the role chunk
             out[name] = payloads
 
         def plain() -> None:
@@ -506,7 +564,17 @@ def test_sigterm_drains_then_ends_streams_with_done(smollm2_dir: Path, tmp_path:
         short_started, long_started = threading.Event(), threading.Event()
         threads = [threading.Thread(target=stream, args=("short", 6, short_started))]
         threads[0].start()
-        assert short_started.wait(60)
+        # The first request loads the model: /health must not wait for that either.
+        states, slowest = set(), 0.0
+        while not short_started.is_set():
+            start = time.monotonic()
+            assert httpx.get(f"{srv.root}/health", timeout=5).status_code == 200
+            slowest = max(slowest, time.monotonic() - start)
+            models = httpx.get(f"{srv.url}/models", timeout=5).json()["data"]
+            states |= {m["status"] for m in models if m["id"] == "smollm2"}
+            time.sleep(0.05)
+        assert "loading" in states
+        assert slowest < HEALTH_BOUND, f"/health took {slowest:.3f}s during a model load"
         threads.append(threading.Thread(target=stream, args=("long", 3000, long_started)))
         threads.append(threading.Thread(target=plain))
         threads[1].start()

@@ -101,8 +101,10 @@ def test_memory_returns_to_baseline_after_unload(server: RunningServer) -> None:
 def _wait_unloaded(server: RunningServer) -> dict[str, Any]:
     for _ in range(200):
         body = health(server)
-        if body["resident_model"] is None:
-            return body
+        models = httpx.get(f"{server.root}/v1/models", timeout=10).json()["data"]
+        # /health no longer waits on the MLX thread: wait for the unload itself to finish.
+        if body["resident_model"] is None and all(m["status"] != "unloading" for m in models):
+            return health(server)
         time.sleep(0.05)
     raise AssertionError(f"model still resident: {body}")
 

@@ -240,3 +240,15 @@ def test_install_defaults_to_the_repository_venv(sandbox: Sandbox) -> None:
     done = sandbox.run("--os", "macos")
     assert done.returncode == 0, done.stderr
     assert program(sandbox, "macos")[0] == str(venv_mlxd.resolve())
+
+
+def test_units_wait_longer_than_the_drain_timeout() -> None:
+    """SIGTERM drains for --drain-timeout (default 30 s); the service managers must not SIGKILL
+    before that is over."""
+    from server.config import Settings
+
+    drain = Settings().drain_timeout
+    unit = read_unit(UNIT.read_text())
+    assert int(unit["Service"]["TimeoutStopSec"]) > drain
+    agent = plistlib.loads(PLIST.read_bytes())
+    assert agent["ExitTimeOut"] > drain

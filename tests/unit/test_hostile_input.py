@@ -15,7 +15,13 @@ import httpx
 import pytest
 
 from server.errors import Overloaded
-from server.limits import InflightLimit, RateLimitFilter, RequestLimits, connection_cap
+from server.limits import (
+    InflightLimit,
+    RateLimitFilter,
+    RequestLimits,
+    connection_cap,
+    listen_backlog,
+)
 from tests.fakes import FakeEngine
 
 pytestmark = pytest.mark.anyio
@@ -177,9 +183,11 @@ async def test_body_limit_refuses_both_lengths_and_a_stalled_body() -> None:
 
 
 async def test_queue_limit_refuses_with_retry_after(make_client: Client) -> None:
-    engine = FakeEngine(delay=0.05)
+    engine = FakeEngine(delay=0.5)  # each request holds its place for 1.5 s
     client = make_client(engine, settings={"queue_size": 2})
     body = {"model": "a", "messages": USER}
+    # Loaded first: while it loads, the manager's own queue (waiters only) refuses earlier.
+    assert (await client.post("/v1/chat/completions", json=body)).status_code == 200
     results = await asyncio.gather(
         *(client.post("/v1/chat/completions", json=body) for _ in range(8))
     )
@@ -232,3 +240,17 @@ def test_connection_cap_stays_below_the_open_file_limit() -> None:
     assert connection_cap(1 << 20, None) == 4096
     assert connection_cap(2048, 5000) == 1920
     assert connection_cap(2048, 100) == 100
+
+
+async def test_lone_surrogate_in_a_key_is_reported_printably(make_client: Client) -> None:
+    client = make_client(FakeEngine())
+    raw = b'{"model":"a","messages":[{"role":"user","content":"Hi"}],"chat_template_kwargs":'
+    r = await post_raw(client, raw + b'{"\\ud800":1}}')
+    assert r.status_code == 400
+    assert r.json()["error"]["param"] == "chat_template_kwargs.\\ud800"
+
+
+def test_listen_backlog_fits_beside_the_connections() -> None:
+    assert listen_backlog(256, 128) == 64
+    assert listen_backlog(1 << 16, 4096) == 2048
+    assert listen_backlog(100, 92) == 16
