@@ -96,6 +96,7 @@ def banner(settings: Settings, model_id: str, model_dir: Path) -> str:
                    f"{format_size(snapshot.available)} available now"),
         ("models", str(settings.config_path)),
         ("url", url),
+        ("status", f"http://{settings.host}:{settings.port}/  (metrics: /metrics)"),
     ]  # fmt: skip
     width = max(len(k) for k, _ in rows)
     lines = [f"mlxd {server.__version__}"] + [f"  {k:<{width}}  {v}" for k, v in rows]
