@@ -118,6 +118,7 @@ class Batch:
         self.decode_step: float | None = None  # smoothed seconds of a decode-only step
         self.steps = 0
         self.interleaved_steps = 0
+        self.peak = 0  # the highest MLX peak memory any step reached
 
     def __len__(self) -> int:
         return len(self.live)
@@ -180,7 +181,8 @@ class Batch:
         prompt_responses, responses = self.gen.next()
         elapsed = time.perf_counter() - start
         peak = int(mx.get_peak_memory())
-        mx.reset_peak_memory()
+        mx.reset_peak_memory()  # so each sequence's peak covers only the steps it was in
+        self.peak = max(self.peak, peak)
         for seq in self.live.values():
             seq.peak = max(seq.peak, peak)
         self.steps += 1

@@ -186,7 +186,8 @@ class MLXEngine:
         """Refresh the snapshot ``memory()`` returns (written here, read by the event loop)."""
         import mlx.core as mx
 
-        self._peak = max(self._peak, int(mx.get_peak_memory()))
+        batch_peak = self._batch.peak if self._batch is not None else 0
+        self._peak = max(self._peak, batch_peak, int(mx.get_peak_memory()))
         self._memory = {
             "active": int(mx.get_active_memory()),
             "cache": int(mx.get_cache_memory()),

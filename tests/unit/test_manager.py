@@ -32,11 +32,11 @@ def make(
 
 
 async def use(manager: ModelManager, registry: Registry, name: str, log: list[str],
-              hold: float = 0.01) -> None:  # fmt: skip
-    async with manager.acquire(registry.get(name)) as lease:
-        log.append(f"start:{lease.entry.id}")
+              hold: float = 0.01, need: Any = None, label: str | None = None) -> None:  # fmt: skip
+    async with manager.acquire(registry.get(name), need=need) as lease:
+        log.append(f"start:{label or lease.entry.id}")
         await asyncio.sleep(hold)
-        log.append(f"end:{lease.entry.id}")
+        log.append(f"end:{label or lease.entry.id}")
 
 
 async def test_concurrent_requests_share_one_load(
@@ -160,28 +160,19 @@ class BudgetGate:
         pass
 
 
-async def hold(manager: ModelManager, entry: ModelEntry, need: int, log: list[str],
-               name: str, seconds: float) -> None:  # fmt: skip
-    async with manager.acquire(entry, need=need):
-        log.append(f"start:{name}")
-        await asyncio.sleep(seconds)
-        log.append(f"end:{name}")
-
-
 async def test_sequence_that_does_not_fit_beside_the_batch_waits_then_runs(
     tiny_dirs: dict[str, Path], tmp_path: Path
 ) -> None:
     gate = BudgetGate(budget=GIB + 6 * GIB)
     manager, registry = make(tiny_dirs, tmp_path, FakeEngine(), gate=gate)
-    alpha = registry.get("alpha")
     log: list[str] = []
-    first = asyncio.create_task(hold(manager, alpha, 4 * GIB, log, "first", 0.15))
+    first = asyncio.create_task(use(manager, registry, "alpha", log, 0.15, 4 * GIB, "first"))
     while "start:first" not in log:
         await asyncio.sleep(0.005)
-    small = asyncio.create_task(hold(manager, alpha, GIB, log, "small", 0.01))
+    small = asyncio.create_task(use(manager, registry, "alpha", log, 0.01, GIB, "small"))
     await asyncio.sleep(0.03)
     assert log == ["start:first", "start:small", "end:small"]  # 4 + 1 fits in 6: it joined
-    big = asyncio.create_task(hold(manager, alpha, 4 * GIB, log, "big", 0.01))
+    big = asyncio.create_task(use(manager, registry, "alpha", log, 0.01, 4 * GIB, "big"))
     await asyncio.sleep(0.05)
     assert "start:big" not in log and manager.queue_depth == 1
     # Waiting reserves nothing: only the running sequence's 4 GiB is counted.
@@ -206,3 +197,22 @@ async def test_max_concurrency_bounds_the_batch(tiny_dirs: dict[str, Path], tmp_
     assert max(running) == 2 and len(running) == 6
     per_model = manager.concurrency_of(alpha.model_copy(update={"max_concurrency": 5}))
     assert per_model == 5  # models.yaml's max_concurrency overrides the server's
+
+
+async def test_nothing_joins_a_batch_that_drains_for_a_swap(
+    tiny_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    """A request for another model waits for the drain; a later request for the resident model
+    does not join meanwhile (it would make the swap wait longer, without bound)."""
+    engine = FakeEngine()
+    manager, registry = make(tiny_dirs, tmp_path, engine)
+    log: list[str] = []
+    first = asyncio.create_task(use(manager, registry, "alpha", log, 0.1, label="a1"))
+    while "start:a1" not in log:
+        await asyncio.sleep(0.005)
+    beta = asyncio.create_task(use(manager, registry, "beta", log, label="b"))
+    await asyncio.sleep(0.02)
+    late = asyncio.create_task(use(manager, registry, "alpha", log, label="a2"))
+    await asyncio.gather(first, beta, late)
+    assert log.index("end:a1") < log.index("start:b") < log.index("start:a2")
+    assert engine.events == ["load:alpha", "unload:alpha", "load:beta", "unload:beta", "load:alpha"]
