@@ -74,6 +74,10 @@ class AppState:
         memory: dict[str, Any] = {}
         memory.update(await self.engine.memory())  # the worker's snapshot
         memory.update(self.gate.status())
+        batch = self.manager.batch_status()
+        # The memory bar reads these beside the budget (the residency record owns them).
+        memory["resident_weights"] = batch.get("resident_weights", 0)
+        memory["reserved"] = batch.get("reserved", 0)
         return {
             "status": "draining" if self.draining else "ok",
             "version": __version__,
@@ -84,7 +88,7 @@ class AppState:
             "active_requests": self.manager.active,
             "queue_depth": self.manager.queue_depth,
             "in_flight": self.inflight.count,
-            "batch": self.manager.batch_status(),
+            "batch": batch,
             "swaps": self.manager.swaps,
             "memory": memory,
             "engine": self.engine.stats(),
