@@ -168,6 +168,10 @@ class ModelLoadFailed(MlxdError):
     default_code = "model_load_failed"
 
 
+class GGUFImportError(ModelLoadFailed):
+    """A GGUF file that cannot be imported, with a message meant for the user."""
+
+
 class EngineFailure(MlxdError):
     default_code = "engine_error"
 
