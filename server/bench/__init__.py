@@ -212,6 +212,11 @@ def build_parser(prog: str = "python -m server.bench") -> argparse.ArgumentParse
         action="store_true",
         help="bias end-of-sequence tokens to -100 (logit_bias) so every request runs to max_tokens",
     )
+    size.add_argument(
+        "--no-warmup",
+        action="store_true",
+        help="skip the unrecorded round before each concurrent group and join (--quick skips it)",
+    )
     p.add_argument(
         "--out", type=Path, help="results directory (default bench/results/DATE-MACHINE-MODEL)"
     )
@@ -232,6 +237,8 @@ def make_plan(args: argparse.Namespace, context: int | None) -> Plan:
     """The plan the flags ask for, prefill lengths capped by the model context and --max-prompt."""
     base = QUICK if args.quick else FULL
     changes: dict[str, Any] = {"suppress_eos": args.suppress_eos}
+    if args.no_warmup:
+        changes["warmup"] = False
     for flag, name in (
         ("repeats", "repeats"),
         ("group_repeats", "group_repeats"),

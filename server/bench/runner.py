@@ -137,6 +137,10 @@ class Plan:
     join_max_tokens: int = 256
     scenarios: tuple[str, ...] = ALL_SCENARIOS
     suppress_eos: bool = False
+    # An unrecorded round before each concurrent group and each join, the same shape as the
+    # measured one: a backend that builds kernels per shape (MLX on CUDA) pays that there, in
+    # every target alike, instead of inside the first measured round.
+    warmup: bool = True
 
 
 FULL = Plan(
@@ -168,6 +172,7 @@ QUICK = Plan(
     join_streams=2,
     join_prompt=256,
     join_max_tokens=48,
+    warmup=False,
 )
 
 
@@ -239,6 +244,10 @@ def run_target(
 
     def concurrency() -> None:
         for streams in plan.concurrency:
+            if plan.warmup:
+                warm = [book.long_output(f"streams-warmup-{streams}-{i}") for i in range(streams)]
+                target.chat_many(warm, plan.concurrency_max_tokens)
+                say(f"{target.name}: {scenario_label('concurrency', streams)}: warmed up")
             for r in range(plan.group_repeats):
                 convs = [book.long_output(f"streams-{streams}-{r}-{i}") for i in range(streams)]
                 outs = target.chat_many(convs, plan.concurrency_max_tokens)
@@ -258,6 +267,12 @@ def run_target(
                 )
 
     def join() -> None:
+        if plan.warmup:
+            warm = [book.long_output(f"join-warmup-{i}") for i in range(plan.join_streams)]
+            target.chat_join(
+                warm, plan.join_max_tokens, book.sized("joiner-warmup", plan.join_prompt), 4
+            )
+            say(f"{target.name}: join {plan.join_prompt} tok: warmed up")
         for r in range(plan.group_repeats):
             convs = [book.long_output(f"join-{r}-{i}") for i in range(plan.join_streams)]
             joiner = book.sized(f"joiner-{r}", plan.join_prompt)

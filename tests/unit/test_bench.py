@@ -556,6 +556,19 @@ def test_run_target_covers_the_plan() -> None:
     assert offsets == pytest.approx([0.0, 0.001, 0.002, 0.003])
 
 
+def test_warmup_runs_an_unrecorded_round_of_each_concurrent_shape_first() -> None:
+    plan = dataclasses.replace(QUICK, scenarios=("concurrency", "join"), warmup=True)
+    target = FakeTarget()
+    run = run_target(target, plan, PromptBook(WordTokenizer()), lambda _: None)
+    # Each shape twice: the warm-up, then the measured round; only the latter is recorded.
+    assert target.calls == [
+        ("many", 1, plan.concurrency_max_tokens), ("many", 1, plan.concurrency_max_tokens),
+        ("many", 4, plan.concurrency_max_tokens), ("many", 4, plan.concurrency_max_tokens),
+        ("join", 2, plan.join_max_tokens), ("join", 2, plan.join_max_tokens),
+    ]  # fmt: skip
+    assert len(run.records) == 1 + 4 + (2 + 1)
+
+
 class FailingTarget(FakeTarget):
     def chat_many(
         self, conversations: Sequence[Messages], max_tokens: int
