@@ -96,8 +96,8 @@ def build_state(settings: Settings, engine: Engine, models: ModelsFile | None = 
         router=Router(registry, gate),
         gate=gate,
         started=time.time(),
-        # The engine runs one generation at a time: one running plus the queue.
-        inflight=InflightLimit(settings.queue_size + 1),
+        # What the engine can hold at once: a full batch plus a full queue.
+        inflight=InflightLimit(settings.queue_size + settings.max_concurrency),
     )
 
 

@@ -95,24 +95,24 @@ class Forbidden(MlxdError):
     default_code = "forbidden"
 
 
-class RequestTimeout(MlxdError):
+class ConnectionSpoiled(MlxdError):
+    """A refusal after which the connection cannot carry another request (the rest of the body
+    or headers was not read), so the response closes it."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"Connection": "close"})
+
+
+class RequestTimeout(ConnectionSpoiled):
     status_code = 408
     error_type = "invalid_request_error"
     default_code = "request_timeout"
 
-    def __init__(self, message: str) -> None:
-        # The rest of the body is not read: the connection cannot carry another request.
-        super().__init__(message, headers={"Connection": "close"})
 
-
-class PayloadTooLarge(MlxdError):
+class PayloadTooLarge(ConnectionSpoiled):
     status_code = 413
     error_type = "invalid_request_error"
     default_code = "payload_too_large"
-
-    def __init__(self, message: str) -> None:
-        # The rest of the body is not read: the connection cannot carry another request.
-        super().__init__(message, headers={"Connection": "close"})
 
 
 class UnsupportedMediaType(MlxdError):
@@ -121,13 +121,10 @@ class UnsupportedMediaType(MlxdError):
     default_code = "unsupported_media_type"
 
 
-class HeadersTooLarge(MlxdError):
+class HeadersTooLarge(ConnectionSpoiled):
     status_code = 431
     error_type = "invalid_request_error"
     default_code = "headers_too_large"
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, headers={"Connection": "close"})
 
 
 class NotFound(MlxdError):

@@ -182,9 +182,10 @@ async def test_body_limit_refuses_both_lengths_and_a_stalled_body() -> None:
         await RequestLimits(app, 1024, 0.05)(stalled, never, send)
 
 
-async def test_queue_limit_refuses_with_retry_after(make_client: Client) -> None:
+@pytest.mark.parametrize("batch", [1, 3])
+async def test_queue_limit_refuses_with_retry_after(make_client: Client, batch: int) -> None:
     engine = FakeEngine(delay=0.5)  # each request holds its place for 1.5 s
-    client = make_client(engine, settings={"queue_size": 2})
+    client = make_client(engine, settings={"queue_size": 2, "max_concurrency": batch})
     body = {"model": "a", "messages": USER}
     # Loaded first: while it loads, the manager's own queue (waiters only) refuses earlier.
     assert (await client.post("/v1/chat/completions", json=body)).status_code == 200
@@ -193,7 +194,7 @@ async def test_queue_limit_refuses_with_retry_after(make_client: Client) -> None
     )
     codes = sorted(r.status_code for r in results)
     assert set(codes) == {200, 503}
-    assert codes.count(200) == 3  # one running + two waiting
+    assert codes.count(200) == batch + 2  # a full batch running + two waiting
     busy = next(r for r in results if r.status_code == 503)
     assert int(busy.headers["retry-after"]) >= 1
     assert busy.json()["error"]["code"] == "overloaded"
