@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import server
-from server.config import ConfigError, Settings, load_models
+from server.config import ConfigError, load_models
 from server.errors import MlxdError
+from server.settings import Settings, add_flags, from_args
 
 log = logging.getLogger("mlxd")
 
@@ -42,43 +43,9 @@ def setup_logging(level: str, fmt: str = "text") -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def _listed(values: list[str] | None) -> tuple[str, ...] | None:
-    """Repeated and comma-separated flag values (``--cors-origins a,b --cors-origins c``)."""
-    if not values:
-        return None
-    return tuple(item.strip() for value in values for item in value.split(",") if item.strip())
-
-
 def _settings(args: argparse.Namespace) -> Settings:
-    from server.memory import parse_size
-
-    body = getattr(args, "max_body_size", None)
-    try:
-        max_body = parse_size(body) if body else None
-    except ValueError as exc:
-        raise ConfigError(f"--max-body-size: {exc}") from None
-    return Settings.from_env(
-        host=getattr(args, "host", None),
-        port=getattr(args, "port", None),
-        config_path=Path(args.config).expanduser() if getattr(args, "config", None) else None,
-        default_model=getattr(args, "model", None),
-        memory_budget=getattr(args, "memory_budget", None),
-        preload=True if getattr(args, "preload", False) else None,
-        keep_alive=getattr(args, "keep_alive", None),
-        log_level=getattr(args, "log_level", None),
-        prefix_cache_bytes=getattr(args, "prefix_cache", None),
-        api_keys=tuple(getattr(args, "api_key", None) or ()) or None,
-        api_key_file=getattr(args, "api_key_file", None),
-        insecure_no_auth=True if getattr(args, "insecure_no_auth", False) else None,
-        allowed_hosts=_listed(getattr(args, "allowed_hosts", None)),
-        cors_origins=_listed(getattr(args, "cors_origins", None)),
-        max_body_bytes=max_body,
-        header_timeout=getattr(args, "header_timeout", None),
-        body_timeout=getattr(args, "body_timeout", None),
-        max_connections=getattr(args, "max_connections", None),
-        drain_timeout=getattr(args, "drain_timeout", None),
-        max_concurrency=getattr(args, "max_concurrency", None),
-    )
+    """The settings: this subcommand's flags over the environment (``server.settings``)."""
+    return from_args(args)
 
 
 def banner(settings: Settings, model_id: str, model_dir: Path) -> str:
@@ -114,7 +81,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from server.limits import connection_cap, listen_backlog, raise_open_file_limit
 
     settings = _settings(args)
-    setup_logging(settings.log_level, args.log_format)
+    setup_logging(settings.log_level, settings.log_format)
     open_files = raise_open_file_limit()
     max_connections = connection_cap(open_files, settings.max_connections)
     app = create_app(settings)
@@ -296,78 +263,31 @@ def cmd_random_model(rest: list[str]) -> int:
     return random_main(rest)
 
 
+# The settings ``mlxd serve`` takes as flags (each declared once in server.settings).
+SERVE_FLAGS = (
+    "config_path", "host", "port", "default_model", "memory_budget", "preload", "keep_alive",
+    "prefix_cache_bytes", "max_concurrency", "queue_size", "log_level", "log_format", "api_keys",
+    "api_key_file", "insecure_no_auth", "allowed_hosts", "cors_origins", "max_body_bytes",
+    "header_timeout", "body_timeout", "max_connections", "drain_timeout",
+)  # fmt: skip
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mlxd", description=__doc__)
     p.add_argument("--version", action="version", version=f"mlxd {server.__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    def common(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--config", help="models.yaml path (default: ./models.yaml, MLXD_CONFIG)")
-
     s = sub.add_parser("serve", help="start the OpenAI-compatible server")
-    common(s)
-    s.add_argument("--host", help="bind address (default 127.0.0.1)")
-    s.add_argument("--port", type=int, help="port (default 8080, or PORT / MLXD_PORT)")
-    s.add_argument("--model", help="default model id or alias (prepared before listening)")
-    s.add_argument("--memory-budget", help="cap mlxd's memory, e.g. 6GB (MLXD_MEMORY_BUDGET)")
-    s.add_argument("--preload", action="store_true", help="load the default model at startup")
-    s.add_argument("--keep-alive", help="unload an idle model after this long, e.g. 10m")
-    s.add_argument("--prefix-cache", help="bytes of KV cache kept for reuse, e.g. 2GB; 0 = off")
-    s.add_argument(
-        "--max-concurrency",
-        type=int,
-        help="most requests decoding together per model (MLXD_MAX_CONCURRENCY)",
-    )
-    s.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
-    s.add_argument("--log-format", choices=["text", "json"], default="text",
-                   help="json: one JSON object per line (one per request)")  # fmt: skip
-    s.add_argument(
-        "--api-key",
-        action="append",
-        metavar="KEY",
-        help="require this key (repeatable; MLXD_API_KEY=k1,k2)",
-    )
-    s.add_argument("--api-key-file", help="file with one API key per line (MLXD_API_KEY_FILE)")
-    s.add_argument(
-        "--insecure-no-auth",
-        action="store_true",
-        help="allow a non-loopback --host without an API key",
-    )
-    s.add_argument(
-        "--allowed-hosts",
-        action="append",
-        metavar="NAMES",
-        help="extra Host names to accept, comma-separated; '*' = any",
-    )
-    s.add_argument(
-        "--cors-origins",
-        action="append",
-        metavar="ORIGINS",
-        help="web origins allowed to call, comma-separated (default: none)",
-    )
-    s.add_argument("--max-body-size", help="largest request body, e.g. 32MB (default 32 MiB)")
-    s.add_argument("--header-timeout", type=float, help="seconds to send request headers (10)")
-    s.add_argument("--body-timeout", type=float, help="seconds between body chunks (30)")
-    s.add_argument(
-        "--max-connections",
-        type=int,
-        help="open connections at once (default: from the open-file limit)",
-    )
-    s.add_argument(
-        "--drain-timeout",
-        type=float,
-        help="on SIGTERM, seconds running requests get to finish (30)",
-    )
+    add_flags(s, *SERVE_FLAGS)
     s.set_defaults(func=cmd_serve)
 
     m = sub.add_parser("models", help="configured models: present, would download, too big")
-    common(m)
-    m.add_argument("--memory-budget", help="the budget to check against (as for serve)")
+    add_flags(m, "config_path", "memory_budget")
     m.add_argument("--json", action="store_true")
     m.set_defaults(func=cmd_models)
 
     pl = sub.add_parser("pull", help="download/import configured models (default: the default)")
-    common(pl)
+    add_flags(pl, "config_path")
     pl.add_argument("ids", nargs="*")
     pl.set_defaults(func=cmd_pull)
 
@@ -378,7 +298,7 @@ def parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_import_gguf)
 
     d = sub.add_parser("doctor", help="platform, backend, versions, memory and models")
-    common(d)
+    add_flags(d, "config_path")
     d.add_argument("--json", action="store_true")
     d.set_defaults(func=cmd_doctor)
 

@@ -27,6 +27,7 @@ from enum import Enum
 
 from server.errors import ContextLengthExceeded, InsufficientMemory, MlxdError, Overloaded
 from server.memory import PressureLevel, format_size
+from server.settings import DEFAULT_QUEUE_SIZE
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,7 @@ class State:
     resident: Resident | None = None
     pressure: PressureLevel = PressureLevel.GREEN
     queued: int = 0  # requests already waiting
-    queue_limit: int = 32
+    queue_limit: int = DEFAULT_QUEUE_SIZE
     retry_after: int = 5  # seconds, for a refusal because the queue is full
 
 

@@ -17,7 +17,7 @@ from fastapi import FastAPI
 from server import __version__, apis
 from server.api import install_error_handlers, router
 from server.chat import ChatService
-from server.config import ConfigError, ModelsFile, Settings, load_models, parse_duration
+from server.config import ConfigError, ModelsFile, load_models, parse_duration
 from server.engine import Engine, MLXEngine
 from server.gate import MemoryGate, PressureMonitor
 from server.guard import Guard, check_exposure
@@ -27,6 +27,7 @@ from server.memory import PressureReading
 from server.metrics import Metrics, MetricsMiddleware
 from server.registry import Registry
 from server.router import Router
+from server.settings import Settings
 from server.sources import ModelSources
 from server.state import AppState
 from server.status import router as status_router

@@ -1,38 +1,26 @@
-"""Settings (flags + environment) and the models.yaml schema.
+"""The models.yaml schema (and the duration format it shares with requests).
 
-Settings are built once at startup and passed down (``create_app(settings)``); nothing reads the
-environment after that. models.yaml is validated by pydantic models with ``extra="forbid"``, so a
-misspelt key is a startup error that names the key and the model entry it is in.
+models.yaml is validated by pydantic models with ``extra="forbid"``, so a misspelt key is a
+startup error that names the key and the model entry it is in. Server settings (flags and
+environment) are ``server.settings``.
 """
 
 from __future__ import annotations
 
 import fnmatch
-import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-DEFAULT_PORT = 8080
-DEFAULT_HOST = "127.0.0.1"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 class ConfigError(Exception):
     """models.yaml or a setting is invalid; the message names the key."""
-
-
-def _default_home() -> Path:
-    env = os.environ.get("MLXD_HOME")
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "mlxd"
 
 
 _DURATION = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
@@ -217,136 +205,3 @@ def load_models(path: Path) -> ModelsFile:
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML: {exc}") from None
     return parse_models(data, str(path))
-
-
-def _env_int(name: str, default: int) -> int:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise ConfigError(f"{name}={raw!r} is not an integer") from None
-
-
-def _env_float(name: str, default: float) -> float:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        return float(raw)
-    except ValueError:
-        raise ConfigError(f"{name}={raw!r} is not a number") from None
-
-
-def _default_config_path() -> Path:
-    env = os.environ.get("MLXD_CONFIG")
-    if env:
-        return Path(env).expanduser()
-    local = Path.cwd() / "models.yaml"
-    return local if local.is_file() else REPO_ROOT / "models.yaml"
-
-
-def _env_list(name: str) -> tuple[str, ...]:
-    """A comma-separated variable (``MLXD_API_KEY=k1,k2``) as a tuple, blanks dropped."""
-    return tuple(item.strip() for item in os.environ.get(name, "").split(",") if item.strip())
-
-
-def read_key_file(path: Path) -> tuple[str, ...]:
-    """API keys from a file: one per line; blank lines and ``#`` comments are skipped."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"cannot read the API key file {path}: {exc.strerror or exc}") from None
-    keys = tuple(
-        s.strip() for s in text.splitlines() if s.strip() and not s.strip().startswith("#")
-    )
-    if not keys:
-        raise ConfigError(f"the API key file {path} holds no key")
-    return keys
-
-
-# Requests decoding together in one batch, unless models.yaml or --max-concurrency say otherwise
-# (see bench/results/*-concurrency: aggregate throughput still grows up to 16 streams).
-DEFAULT_MAX_CONCURRENCY = 16
-
-
-@dataclass(frozen=True)
-class Settings:
-    """Everything the server needs to know, resolved once at startup."""
-
-    host: str = DEFAULT_HOST
-    port: int = DEFAULT_PORT
-    config_path: Path = field(default_factory=_default_config_path)
-    default_model: str | None = None
-    home: Path = field(default_factory=_default_home)
-    memory_budget: str | None = None
-    memory_reserve: float = 0.22
-    queue_size: int = 32
-    queue_timeout: float = 300.0
-    preload: bool = False
-    keep_alive: str | None = None
-    log_level: str = "info"
-    sse_ping_seconds: float = 5.0
-    prefix_cache_bytes: str | None = None
-    # Who may call (server.guard): keys, extra Host names, cross-origin pages allowed.
-    api_keys: tuple[str, ...] = ()
-    insecure_no_auth: bool = False
-    allowed_hosts: tuple[str, ...] = ()
-    cors_origins: tuple[str, ...] = ()
-    # How much and how slowly (server.limits, server.listener).
-    max_body_bytes: int = 32 << 20
-    max_header_bytes: int = 64 << 10
-    header_timeout: float = 10.0  # seconds to send a request line and headers
-    body_timeout: float = 30.0  # seconds of silence allowed between two body chunks
-    max_connections: int | None = None  # None: from the open-file limit
-    drain_timeout: float = 30.0  # SIGTERM: running requests get this long to finish
-    max_concurrency: int = DEFAULT_MAX_CONCURRENCY
-
-    @classmethod
-    def from_env(cls, **overrides: Any) -> Settings:
-        """Settings from ``MLXD_*`` variables, then explicit overrides (CLI flags) on top."""
-        env: dict[str, Any] = {
-            "host": os.environ.get("MLXD_HOST") or DEFAULT_HOST,
-            "port": _env_int("MLXD_PORT", _env_int("PORT", DEFAULT_PORT)),
-            "default_model": os.environ.get("MLXD_MODEL") or None,
-            "memory_budget": os.environ.get("MLXD_MEMORY_BUDGET") or None,
-            "memory_reserve": _env_float("MLXD_MEMORY_RESERVE", 0.22),
-            "queue_size": _env_int("MLXD_QUEUE_SIZE", 32),
-            "queue_timeout": _env_float("MLXD_QUEUE_TIMEOUT", 300.0),
-            "preload": os.environ.get("MLXD_PRELOAD", "") not in ("", "0", "false"),
-            "keep_alive": os.environ.get("MLXD_KEEP_ALIVE") or None,
-            "log_level": os.environ.get("MLXD_LOG_LEVEL", "info"),
-            "prefix_cache_bytes": os.environ.get("MLXD_PREFIX_CACHE") or None,
-            "api_keys": _env_list("MLXD_API_KEY"),
-            "allowed_hosts": _env_list("MLXD_ALLOWED_HOSTS"),
-            "cors_origins": _env_list("MLXD_CORS_ORIGINS"),
-            "insecure_no_auth": os.environ.get("MLXD_INSECURE_NO_AUTH", "") not in ("", "0"),
-            "drain_timeout": _env_float("MLXD_DRAIN_TIMEOUT", 30.0),
-            "max_concurrency": _env_int("MLXD_MAX_CONCURRENCY", DEFAULT_MAX_CONCURRENCY),
-        }
-        key_file = overrides.pop("api_key_file", None) or os.environ.get("MLXD_API_KEY_FILE")
-        settings = cls(**env)
-        explicit = {k: v for k, v in overrides.items() if v is not None}
-        settings = replace(settings, **explicit)
-        if key_file:
-            keys = read_key_file(Path(key_file).expanduser())
-            settings = replace(settings, api_keys=(*settings.api_keys, *keys))
-        if settings.max_concurrency < 1:
-            raise ConfigError(f"max concurrency must be >= 1: {settings.max_concurrency}")
-        if not 0 <= settings.memory_reserve < 1:
-            raise ConfigError(f"memory reserve must be in [0, 1): {settings.memory_reserve}")
-        if settings.keep_alive is not None:
-            try:
-                parse_duration(settings.keep_alive)
-            except ValueError as exc:
-                raise ConfigError(f"keep_alive: {exc}") from None
-        if settings.drain_timeout < 0:
-            raise ConfigError(f"drain timeout must be >= 0: {settings.drain_timeout}")
-        if settings.max_body_bytes < 1024:
-            raise ConfigError(f"max body size must be at least 1 KiB: {settings.max_body_bytes}")
-        return settings
-
-    @property
-    def models_dir(self) -> Path:
-        return self.home / "models"

@@ -29,8 +29,9 @@ from dataclasses import dataclass
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.config import ConfigError, Settings
+from server.config import ConfigError
 from server.errors import Forbidden, MlxdError, Unauthorized, UnsupportedMediaType, send_error
+from server.settings import Settings
 
 LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"})
 OPEN_PATHS = frozenset({"/health"})  # liveness probes carry no key

@@ -24,7 +24,7 @@ import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from server.config import Settings
+from server.settings import Settings
 
 log = logging.getLogger("mlxd.listener")
 

@@ -36,11 +36,12 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from server.admission import Decision, DecisionKind, Need, Resident, State, decide
-from server.config import DEFAULT_MAX_CONCURRENCY, ModelEntry
+from server.config import ModelEntry
 from server.engine import Engine, LoadedModel
 from server.errors import MlxdError, ModelLoadFailed, Overloaded
 from server.memory import format_size
 from server.registry import Registry
+from server.settings import DEFAULT_MAX_CONCURRENCY, DEFAULT_QUEUE_SIZE
 
 log = logging.getLogger("mlxd.manager")
 
@@ -134,7 +135,7 @@ class ModelManager:
         engine: Engine,
         registry: Registry,
         *,
-        queue_size: int = 32,
+        queue_size: int = DEFAULT_QUEUE_SIZE,
         queue_timeout: float = 300.0,
         default_keep_alive: float | None = None,
         gate: Gate | None = None,

@@ -11,13 +11,14 @@ from typing import Any
 from server import __version__
 from server.backend import backend_info
 from server.chat import ChatService
-from server.config import ModelEntry, Settings
+from server.config import ModelEntry
 from server.engine import Engine
 from server.gate import MemoryGate, PressureMonitor
 from server.limits import InflightLimit
 from server.manager import ModelManager
 from server.registry import Registry
 from server.router import Router
+from server.settings import Settings
 
 log = logging.getLogger("mlxd.state")
 

@@ -21,8 +21,9 @@ from typing import Any
 import httpx
 import pytest
 
-from server.config import REPO_ROOT, Settings, load_models
+from server.config import REPO_ROOT, load_models
 from server.registry import Registry
+from server.settings import Settings
 from server.sources import ModelSources
 
 

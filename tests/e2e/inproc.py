@@ -18,9 +18,10 @@ import mlx.core as mx
 import uvicorn
 
 from server.app import create_app
-from server.config import ModelsFile, Settings
+from server.config import ModelsFile
 from server.engine import GenerationChunk, GenerationRequest, MLXEngine
 from server.random_model import ScriptedLogits
+from server.settings import Settings
 from tests.conftest import free_port
 
 Segment = str | int  # text to force, or a number of steps left to the model (and the server)

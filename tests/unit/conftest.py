@@ -7,7 +7,8 @@ import httpx
 import pytest
 
 from server.app import create_app
-from server.config import Settings, parse_models
+from server.config import parse_models
+from server.settings import Settings
 from tests.fakes import FakeEngine, tiny_model_dir
 
 AppFactory = Callable[..., tuple[httpx.AsyncClient, FakeEngine]]

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from server.__main__ import banner, doctor_report, main
-from server.config import REPO_ROOT, Settings
+from server.config import REPO_ROOT
+from server.settings import Settings
 from tests.fakes import tiny_model_dir
 
 

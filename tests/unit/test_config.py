@@ -12,11 +12,11 @@ from server.config import (
     HubSource,
     PathSource,
     PyPISource,
-    Settings,
     load_models,
     parse_duration,
     parse_models,
 )
+from server.settings import Settings
 
 
 def test_repo_models_yaml_is_valid() -> None:

@@ -10,8 +10,9 @@ import httpx
 import pytest
 
 from server.app import create_app
-from server.config import ConfigError, Settings, parse_models, read_key_file
+from server.config import ConfigError, parse_models
 from server.guard import check_exposure, is_loopback, split_host
+from server.settings import Settings, read_key_file
 from tests.fakes import FakeEngine
 
 pytestmark = pytest.mark.anyio
