@@ -9,19 +9,17 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from server.config import REPO_ROOT, load_models
+from server.localnet import NotReady, free_port, wait_until_ready
 from server.registry import Registry
 from server.settings import Settings
 from server.sources import ModelSources
@@ -45,13 +43,6 @@ def smollm2_dir(registry: Registry) -> Path:
 @pytest.fixture(scope="session")
 def smollm2_gguf(smollm2_dir: Path, settings: Settings) -> Path:
     return settings.home / "gguf" / "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @dataclass
@@ -90,19 +81,16 @@ def run_server(
             preexec_fn=preexec_fn,
         )
     server = RunningServer(f"http://127.0.0.1:{port}/v1", proc, log)
-    deadline = time.monotonic() + timeout
+
+    def failed() -> str | None:
+        code = proc.poll()
+        return None if code is None else f"mlxd exited with {code}:\n{server.log_text()}"
+
     try:
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"mlxd exited with {proc.returncode}:\n{server.log_text()}")
-            try:
-                if httpx.get(f"{server.root}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"mlxd did not start in {timeout}s:\n{server.log_text()}")
-            time.sleep(0.2)
+        try:
+            wait_until_ready(f"{server.root}/health", timeout, failed, interval=0.2)
+        except NotReady as exc:
+            raise RuntimeError(f"{exc}\n{server.log_text()}") from None
         yield server
     finally:
         stop_process(proc)

@@ -22,7 +22,6 @@ import platform
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -57,6 +56,7 @@ from server.bench.targets import (
     resolve_model_name,
     server_env,
 )
+from server.localnet import free_port
 
 MLX_LM_COMMAND = "{python} -m mlx_lm.server --model {model_dir} --port {port}"
 MLXD_COMMAND = "{python} -m server serve --config {config} --port {port} --preload"
@@ -402,12 +402,6 @@ def mlxd_config(model_dir: Path) -> str:
     return json.dumps({"default": name, "models": [entry]}, indent=2) + "\n"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _local_pid(url: str) -> int | None:
     """The pid of a server on this machine at ``url``, for its memory (None when remote)."""
     match = re.match(r"^https?://(127\.0\.0\.1|localhost|\[::1\]):(\d+)", url)
@@ -460,7 +454,7 @@ class _Session:
 
     def _spawn(self, spec: TargetSpec, command: str) -> SpawnedServer:
         """Start a server on a free port and wait until it lists its models."""
-        port = _free_port()
+        port = free_port()
         config = self.out / "models.yaml"
         if "{config}" in command:
             config.write_text(mlxd_config(self.args.model_dir))

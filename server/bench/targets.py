@@ -29,6 +29,7 @@ import httpx
 import psutil
 
 from server.bench.report import BASELINE, StreamResult
+from server.localnet import NotReady, wait_until_ready
 
 Messages = list[dict[str, str]]
 
@@ -540,19 +541,16 @@ class SpawnedServer:
     def wait_ready(self, timeout: float) -> None:
         """Poll ``/models`` until it answers 200; fail early if the process dies."""
         assert self.proc is not None, "launch() first"
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if (code := self.proc.poll()) is not None:
-                raise BenchError(
-                    f"{self.name} exited with {code} before it was ready\n{self.tail()}"
-                )
-            try:
-                if httpx.get(f"{self.base_url}/models", timeout=2.0).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        raise BenchError(f"{self.name} was not ready after {timeout:.0f}s\n{self.tail()}")
+        proc = self.proc
+
+        def failed() -> str | None:
+            code = proc.poll()
+            return None if code is None else f"exited with {code} before it was ready"
+
+        try:
+            wait_until_ready(f"{self.base_url}/models", timeout, failed)
+        except NotReady as exc:
+            raise BenchError(f"{self.name} {exc}\n{self.tail()}") from None
 
     def tail(self, lines: int = 15) -> str:
         try:

@@ -8,21 +8,19 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import mlx.core as mx
 import uvicorn
 
 from server.app import create_app
 from server.config import ModelsFile
 from server.engine import GenerationChunk, GenerationRequest, MLXEngine
+from server.localnet import free_port, wait_until_ready
 from server.random_model import ScriptedLogits
 from server.settings import Settings
-from tests.conftest import free_port
 
 Segment = str | int  # text to force, or a number of steps left to the model (and the server)
 
@@ -82,16 +80,10 @@ def serve_in_thread(
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     root = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(f"{root}/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("in-process mlxd did not start")
-        time.sleep(0.05)
+    wait_until_ready(
+        f"{root}/health", 60, lambda: None if thread.is_alive() else "in-process mlxd stopped",
+        interval=0.05,
+    )  # fmt: skip
     try:
         yield f"{root}/v1"
     finally:
