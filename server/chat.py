@@ -60,6 +60,7 @@ class Usage:
 class Finish:
     reason: str
     usage: Usage
+    detail: str | None = None  # why the server ended it early (memory pressure)
 
 
 @dataclass
@@ -111,6 +112,9 @@ class ChatRun:
         )
         self.first_token_at: float | None = None
         self.started_at = time.perf_counter()
+        self.peak_bytes = 0  # MLX's peak while it ran (from the engine's final chunk)
+        self.tokens_generated = 0
+        self.ended_detail: str | None = None  # set when the server ends it early
 
     def _log(self, finish: Finish) -> None:
         """One line per request: what ran and how fast (the server's access log)."""
@@ -184,6 +188,8 @@ class ChatRun:
                     break
                 if chunk.finish_reason is not None:
                     finish_reason = chunk.finish_reason
+                    self.peak_bytes = chunk.peak_bytes
+                    self.tokens_generated = chunk.completion_tokens
                     break
             if finish_reason == "cancelled":
                 finish_reason = "stop"
@@ -194,7 +200,7 @@ class ChatRun:
                     yield Delta(invalidated=[tools.incomplete_call])
                 if tools.call_count and finish_reason == "stop" and not tools.truncated:
                     finish_reason = "tool_calls"
-            finish = Finish(finish_reason, usage)
+            finish = Finish(finish_reason, usage, self.ended_detail)
             self._log(finish)
             yield finish
         finally:
@@ -215,11 +221,23 @@ class ChatService:
         self.gate = gate
         self.running: set[ChatRun] = set()
 
-    def end_running(self, reason: str) -> int:
-        """Finish every running generation early (memory pressure); returns how many."""
-        for run in list(self.running):
-            run.cancel(reason)
-        return len(self.running)
+    def end_newest(self, reason: str, detail: str) -> ChatRun | None:
+        """End the most recently started generation early (memory pressure), saying why in
+        the log and in the response; ``None`` when nothing is running."""
+        live = [r for r in self.running if not r.request.cancel.is_set()]
+        if not live:
+            return None
+        run = max(live, key=lambda r: r.started_at)
+        run.ended_detail = detail
+        run.cancel(reason)
+        log.warning("ending %s early (finish_reason %s): %s", run.id, reason, detail)
+        return run
+
+    def _observe(self, run: ChatRun) -> None:
+        """Compare the run's measured peak with its estimate (online calibration)."""
+        need = run.prepared.need
+        if self.gate is not None and need is not None and run.peak_bytes:
+            self.gate.observe(need, run.peak_bytes, run.tokens_generated)
 
     async def start(self, request: ChatRequest, entry: ModelEntry) -> ChatRun:
         """Validate, render and admit ``request``; errors raise before anything is streamed."""
@@ -237,6 +255,7 @@ class ChatService:
         run = ChatRun(prepared, self.engine, stack)
         self.running.add(run)
         stack.callback(self.running.discard, run)
+        stack.callback(self._observe, run)  # runs first: before the lease is released
         return run
 
     async def prepare(self, request: ChatRequest, entry: ModelEntry) -> Prepared:

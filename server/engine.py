@@ -74,6 +74,9 @@ class GenerationChunk:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
+    # On the final chunk: MLX's peak memory while this request ran (``mx.get_peak_memory()``,
+    # reset when it started), for comparing with its estimate.
+    peak_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -196,6 +199,16 @@ class MLXEngine:
 
     async def unload(self) -> None:
         await self._call(self._unload)
+
+    async def with_model(self, fn: Callable[[Any], T]) -> T:
+        """Run ``fn(model)`` on the MLX thread with the resident mlx-lm model (calibration)."""
+
+        def run() -> T:
+            if self._model is None:
+                raise EngineFailure("no model is loaded")
+            return fn(self._model)
+
+        return await self._call(run)
 
     def _unload(self) -> None:
         import mlx.core as mx
@@ -321,6 +334,7 @@ class MLXEngine:
         processors += req.extra_processors
 
         self.generations += 1
+        mx.reset_peak_memory()
         hit = self.prefix_cache.take(req.prompt, req.max_kv_size, req.kv_bits)
         cache = (
             hit.cache
@@ -354,8 +368,9 @@ class MLXEngine:
                     detok.finalize()
                     finish = "length"
                 chunk = GenerationChunk(
-                    detok.last_segment, token, finish, n_prompt, len(generated), hit.reused
-                )
+                    detok.last_segment, token, finish, n_prompt, len(generated), hit.reused,
+                    int(mx.get_peak_memory()) if last else 0,
+                )  # fmt: skip
                 emit(chunk)
                 if last:
                     break
@@ -377,6 +392,7 @@ class MLXEngine:
                     n_prompt,
                     completion,
                     hit.reused,
+                    int(mx.get_peak_memory()),
                 )
             )
 

@@ -28,11 +28,12 @@ against ``mx.get_peak_memory()`` (see `measure_request` and the constants below)
 from __future__ import annotations
 
 import gc
+import itertools
 import json
 import math
 import struct
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
 from typing import Any, Literal
@@ -579,6 +580,122 @@ def _make_caches(
     return groups
 
 
+# --------------------------------------------------------------------------- working memory
+
+
+@dataclass(frozen=True)
+class WorkingMemory:
+    """What prefill and decode hold beyond weights and KV cache, in bytes: the terms that
+    calibration (:mod:`server.calibrate`) measures on the running backend.
+
+    - A prefill chunk of ``n`` tokens whose attention reads ``k`` keys holds
+      ``fixed + f(n) + per_token_key · n · k``: ``f`` is piecewise linear through
+      ``prefill_points`` (``(n, bytes)``, ascending; extended beyond the last point along the
+      last segment), since on a GPU the kernels change with the chunk size (e.g. a quantized
+      matmul that dequantizes its weights for long inputs); ``per_token_key`` is the score
+      matrix where the kernel materializes it (0 where it is fused).
+    - A decode step of one sequence at context ``k`` holds ``decode_fixed + decode_per_key · k``,
+      plus ``sampling`` when it samples (top-p/top-k sort the vocabulary) rather than taking
+      the argmax. A batch of sequences holds the sum of theirs.
+
+    ``quantized_per_token_key`` replaces ``per_token_key`` once a ``kv_bits`` cache is
+    quantized (mlx-lm's quantized attention is written out in plain ops).
+    """
+
+    prefill_points: tuple[tuple[int, float], ...]
+    per_token_key: float
+    decode_fixed: float
+    decode_per_key: float
+    sampling: float
+    quantized_per_token_key: float
+    prefill_fixed: float = 0.0
+    source: str = "prior"  # "prior" (from the architecture), "measured", "learned"
+
+    def prefill(self, tokens: int, keys: int, quantized: bool = False) -> float:
+        """Working memory of one prefill chunk of ``tokens`` tokens reading ``keys`` keys."""
+        slope = self.quantized_per_token_key if quantized else self.per_token_key
+        return self.prefill_fixed + self._tokens(tokens) + slope * tokens * keys
+
+    def decode(self, context: int, sampling: bool) -> float:
+        """Working memory of one sequence's decode step at ``context`` tokens."""
+        extra = self.sampling if sampling else 0.0
+        return self.decode_fixed + self.decode_per_key * context + extra
+
+    def _tokens(self, n: int) -> float:
+        points = self.prefill_points
+        x0, y0 = points[0]
+        if n <= x0 or len(points) == 1:
+            return y0 * n / x0  # proportional below (or with) a single point
+        for (xa, ya), (xb, yb) in itertools.pairwise(points):
+            if n <= xb:
+                return ya + (yb - ya) * (n - xa) / (xb - xa)
+        (xa, ya), (xb, yb) = points[-2], points[-1]
+        return max(yb, yb + (yb - ya) * (n - xb) / (xb - xa))
+
+    def raised(self, phase: str, factor: float) -> WorkingMemory:
+        """These terms with one phase's (``prefill`` or ``decode``) scaled up by ``factor``."""
+        if factor <= 1.0:
+            return self
+        if phase == "decode":
+            return replace(
+                self,
+                decode_fixed=self.decode_fixed * factor,
+                decode_per_key=self.decode_per_key * factor,
+                sampling=self.sampling * factor,
+                source="learned",
+            )
+        return replace(
+            self,
+            prefill_points=tuple((n, y * factor) for n, y in self.prefill_points),
+            per_token_key=self.per_token_key * factor,
+            quantized_per_token_key=self.quantized_per_token_key * factor,
+            prefill_fixed=self.prefill_fixed * factor,
+            source="learned",
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "prefill_points": [list(p) for p in self.prefill_points],
+            "per_token_key": self.per_token_key,
+            "decode_fixed": self.decode_fixed,
+            "decode_per_key": self.decode_per_key,
+            "sampling": self.sampling,
+            "quantized_per_token_key": self.quantized_per_token_key,
+            "prefill_fixed": self.prefill_fixed,
+            "source": self.source,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> WorkingMemory:
+        return cls(
+            prefill_points=tuple((int(n), float(y)) for n, y in data["prefill_points"]),
+            per_token_key=float(data["per_token_key"]),
+            decode_fixed=float(data["decode_fixed"]),
+            decode_per_key=float(data["decode_per_key"]),
+            sampling=float(data["sampling"]),
+            quantized_per_token_key=float(data["quantized_per_token_key"]),
+            prefill_fixed=float(data.get("prefill_fixed", 0.0)),
+            source=str(data.get("source", "measured")),
+        )
+
+
+def prior_working_memory(arch: Architecture, dtype_bytes: int, backend: Backend) -> WorkingMemory:
+    """The hand-written model of working memory (calibrated once on the CPU backend, see the
+    constants above): the estimate's terms until the running backend has measured its own."""
+    width = arch.hidden_size + arch.mlp_width + arch.attention_width
+    per_token = width * _activation_bytes(dtype_bytes)
+    scores = arch.num_heads * SCORE_COPIES * dtype_bytes + MASK_BYTES
+    fused = not _materializes_scores(backend, arch.head_dim, quantized=False)
+    return WorkingMemory(
+        prefill_points=((DEFAULT_PREFILL_CHUNK, per_token * DEFAULT_PREFILL_CHUNK),),
+        per_token_key=0.0 if fused else scores,
+        decode_fixed=DECODE_LOGIT_ROWS * dtype_bytes * arch.vocab_size + per_token,
+        decode_per_key=arch.num_heads * 4.0,  # one float32 query row per head
+        sampling=SAMPLING_ROWS * 4.0 * arch.vocab_size,
+        quantized_per_token_key=scores,
+    )
+
+
 # --------------------------------------------------------------------------- estimate
 
 
@@ -653,6 +770,7 @@ def estimate_request(
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     quantized_kv_start: int = QUANTIZED_KV_START,
     sampling: bool = True,
+    working: WorkingMemory | None = None,
 ) -> Estimate:
     """Estimate the peak memory of generating ``max_tokens`` after ``prompt_tokens``.
 
@@ -660,7 +778,9 @@ def estimate_request(
     count as 0 unless given through `ModelProfile.from_config`). Generation is clipped at
     ``context_limit``. ``backend`` decides whether prompt attention materializes its
     scores; ``None`` asks the running MLX (see :mod:`server.backend`). ``sampling=False``
-    leaves out what top-p/top-k sampling sorts (greedy decoding).
+    leaves out what top-p/top-k sampling sorts (greedy decoding). ``working`` is the
+    calibrated working memory of this model on this backend; ``None`` uses the prior
+    (`prior_working_memory`).
     """
     profile = _profile(model)
     if prompt_tokens < 1:
@@ -673,6 +793,7 @@ def estimate_request(
         backend = running_backend()
     arch = profile.architecture
     b = profile.dtype_bytes
+    working = working or prior_working_memory(arch, b, backend)
     caches = _make_caches(arch, b, kv_bits, max_kv_size)
 
     prefill_peak = prefill_kv = kv_plus_prefill = quantize_peak = 0.0
@@ -680,7 +801,7 @@ def estimate_request(
     # first decode step.
     for chunk in _chunks(prompt_tokens - 1, prefill_chunk):
         keys = {id(c): c.update(chunk) for c in caches}
-        work = _prefill_work(arch, b, backend, chunk, caches, keys)
+        work = _prefill_work(working, chunk, caches, keys)
         transient = max(c.transient for c in caches)
         kv_now = sum(c.nbytes for c in caches)
         prefill_kv = max(prefill_kv, kv_now)
@@ -693,7 +814,7 @@ def estimate_request(
         prefill_peak = max(prefill_peak, work)
         kv_plus_prefill = max(kv_plus_prefill, held + work)
 
-    decode_work = _decode_work(arch, b, prompt_tokens + max_tokens, sampling)
+    decode_work = working.decode(prompt_tokens + max_tokens, sampling)
     final_tokens = prompt_tokens + max_tokens
     transient = 0.0
     for cache in caches:
@@ -771,39 +892,19 @@ def _kv_per_token(arch: Architecture, dtype_bytes: int, kv_bits: int | None) -> 
 
 
 def _prefill_work(
-    arch: Architecture,
-    dtype_bytes: int,
-    backend: Backend,
-    chunk: int,
-    caches: list[_CacheGroup],
-    keys: Mapping[int, int],
+    working: WorkingMemory, chunk: int, caches: list[_CacheGroup], keys: Mapping[int, int]
 ) -> float:
-    """Working memory of one prefill chunk: activations, plus the largest attention score
-    matrix where the kernel materializes it."""
-    width = arch.hidden_size + arch.mlp_width + arch.attention_width
-    work = chunk * width * _activation_bytes(dtype_bytes)
-    scores = 0.0
-    for cache in caches:
-        if cache.slot_bytes == 0:
-            continue
-        if _materializes_scores(backend, arch.head_dim, cache.quantized):
-            per_head = SCORE_COPIES * dtype_bytes + MASK_BYTES / arch.num_heads
-            scores = max(scores, arch.num_heads * chunk * keys[id(cache)] * per_head)
-    return work + scores
+    """Working memory of one prefill chunk: attention reads the most keys of any cache."""
+    attending = [c for c in caches if c.slot_bytes]
+    most = max((keys[id(c)] for c in attending), default=0)
+    quantized = any(c.quantized for c in attending)
+    return working.prefill(chunk, most, quantized)
 
 
 def _materializes_scores(backend: Backend, head_dim: int, quantized: bool) -> bool:
     if quantized:  # mlx-lm's quantized attention is written out in plain ops
         return True
     return not (backend == "metal" and head_dim in METAL_FUSED_PREFILL_HEAD_DIMS)
-
-
-def _decode_work(arch: Architecture, dtype_bytes: int, context: int, sampling: bool) -> float:
-    rows = DECODE_LOGIT_ROWS * dtype_bytes + (SAMPLING_ROWS * 4 if sampling else 0)
-    logits = rows * arch.vocab_size
-    scores = arch.num_heads * context * 4  # one query row per head
-    width = arch.hidden_size + arch.mlp_width + arch.attention_width
-    return logits + scores + width * _activation_bytes(dtype_bytes)
 
 
 def _activation_bytes(dtype_bytes: int) -> float:

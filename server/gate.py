@@ -4,9 +4,9 @@
 a ``Need`` (weights from the safetensors headers, KV cache and working memory simulated by
 :mod:`server.estimate`), reads the machine (:mod:`server.memory`) to build the ``State``, keeps
 the reservations of admitted requests, and answers the model manager with GO / WAIT or a
-client error. A monitor task re-reads memory every few seconds while the server runs: if
-pressure turns red or swap grows past the threshold, admission pauses and running requests are
-finished early with ``finish_reason: "length"`` rather than letting the machine thrash.
+client error. A monitor task re-reads memory every few seconds while the server runs and
+reacts to what admission cannot see (other programs, OS pressure, swap growth, MLX beyond the
+estimates): stop admitting, then evict the prefix cache, then end the newest request (`respond`).
 """
 
 from __future__ import annotations
@@ -16,22 +16,26 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
 from server.admission import Decision, DecisionKind, Need, Reason, Resident, State, decide
+from server.calibrate import Calibrator
 from server.config import ModelEntry
 from server.engine import LoadedModel
-from server.estimate import ModelProfile, estimate_request
+from server.estimate import Estimate, ModelProfile, WorkingMemory, estimate_request
 from server.manager import Verdict
 from server.memory import (
     MemoryBudget,
     MemorySnapshot,
     PressureLevel,
     PressureReading,
+    PressureThresholds,
     assess_pressure,
     format_size,
+    mlx_memory_limit,
     take_snapshot,
 )
 
@@ -50,6 +54,15 @@ class RequestNeed:
 
     need: Need
     entry: ModelEntry
+    # The estimate for another ``max_tokens``, with the calibration current when it is called.
+    estimate: Callable[[int], Estimate] | None = None
+    version: int = 0  # the calibrator's version ``need`` was estimated with
+
+
+@dataclass(frozen=True)
+class _Reservation:
+    request: int  # bytes reserved: the request's estimate when it was admitted
+    prefix_cache: int  # bytes the prefix cache held then (not this request's)
 
 
 class MemoryGate:
@@ -61,8 +74,10 @@ class MemoryGate:
         swap_baseline: int | None = None,
         prefix_cache_bytes: Callable[[], int] = lambda: 0,
         evict_prefix_cache: Callable[[], None] = lambda: None,
+        calibrator: Calibrator | None = None,
     ) -> None:
         self.budget = budget
+        self.calibrator = calibrator
         self._snapshot = snapshot
         first = snapshot()
         self.swap_baseline = first.swap_used if swap_baseline is None else swap_baseline
@@ -72,7 +87,10 @@ class MemoryGate:
         self.profiles: dict[str, ModelProfile] = {}
         self.resident: ModelEntry | None = None
         self.resident_weights = 0
-        self.reserved = 0
+        self._reservations: dict[int, _Reservation] = {}  # by id() of the admitted RequestNeed
+        self.loading_weights = 0  # weights of the model being loaded (a swap was decided)
+        self.calibrating = False  # calibration's samples allocate on purpose
+        self.mlx_limit = mlx_memory_limit(budget, first)
         self.last_reading: PressureReading = assess_pressure(first, budget, self.swap_baseline)
         self.last_snapshot = first
         self._snapshot_at = time.monotonic()
@@ -99,23 +117,81 @@ class MemoryGate:
     ) -> RequestNeed:
         profile = self.profile(entry, model_dir)
 
-        def request_for(tokens: int) -> int:
+        def estimate(tokens: int) -> Estimate:
             return estimate_request(
                 profile, prompt_tokens, tokens, context_limit=context_limit,
                 kv_bits=entry.kv_bits, max_kv_size=entry.max_kv_size,
                 prefill_chunk=entry.prefill_step_size, sampling=sampling,
-            ).request  # fmt: skip
+                working=self.working(entry, model_dir),
+            )  # fmt: skip
 
+        version = self.calibrator.version if self.calibrator else 0
         need = Need(
             model=entry.id,
             weights=profile.weights,
-            request=request_for(max_tokens),
+            request=estimate(max_tokens).request,
             prompt_tokens=prompt_tokens,
             max_tokens=max_tokens,
             context_limit=context_limit,
-            request_for=request_for,
+            request_for=lambda tokens: estimate(tokens).request,
         )
-        return RequestNeed(need, entry)
+        return RequestNeed(need, entry, estimate, version)
+
+    # ---- calibration ---------------------------------------------------------------------------
+
+    def working(self, entry: ModelEntry, model_dir: Path) -> WorkingMemory | None:
+        """The calibrated working memory of ``entry`` here (None: not measured yet)."""
+        if self.calibrator is None:
+            return None
+        return self.calibrator.working(entry.id, self._key(entry, model_dir))
+
+    def _key(self, entry: ModelEntry, model_dir: Path) -> Any:
+        assert self.calibrator is not None
+        return self.calibrator.key(
+            model_dir, self.profile(entry, model_dir), entry.kv_bits, entry.max_kv_size,
+            entry.prefill_step_size,
+        )  # fmt: skip
+
+    async def calibrate(self, entry: ModelEntry, model_dir: Path) -> None:
+        """After a load: reuse the stored calibration or measure one (see server.calibrate)."""
+        if self.calibrator is None:
+            return
+        profile = self.profile(entry, model_dir)
+        context = entry.context_length or profile.architecture.context_length or 4096
+        snapshot = self._current(max_age=0.0)
+        cache = snapshot.mlx.cache if snapshot.mlx else 0
+        # What the machine can give now, whatever the budget: the stored result is reused
+        # under any budget, so it must not depend on one.
+        room = snapshot.available + cache
+        self.calibrating = True
+        try:
+            key = self._key(entry, model_dir)
+            await self.calibrator.ensure(entry.id, key, profile, context, room)
+        finally:
+            self.calibrating = False
+            self._snapshot_at = float("-inf")
+
+    def _refreshed(self, item: RequestNeed) -> RequestNeed:
+        """``item`` re-estimated if the calibration changed since it was estimated (the
+        model it waited for has just been loaded and measured)."""
+        if self.calibrator is None or item.estimate is None:
+            return item
+        if item.version == self.calibrator.version:
+            return item
+        request = item.estimate(item.need.max_tokens).request
+        return replace(item, need=replace(item.need, request=request),
+                       version=self.calibrator.version)  # fmt: skip
+
+    def observe(self, item: RequestNeed, peak: int, completion_tokens: int) -> None:
+        """A finished request's measured peak (weights included) against its estimate for
+        the tokens it generated; the calibrator raises the terms when it was exceeded."""
+        if self.calibrator is None or item.estimate is None or peak <= 0:
+            return
+        held = self._reservations.get(id(item))
+        # Other chats' cached KV was resident beside this request; it is not its own.
+        measured = peak - (held.prefix_cache if held else 0)
+        estimate = item.estimate(min(completion_tokens, item.need.max_tokens))
+        self.calibrator.observe(item.entry.id, estimate, measured)
 
     def weights_estimate(self, entry: ModelEntry, model_dir: Path | None) -> int | None:
         if entry.id in self.profiles:
@@ -129,9 +205,19 @@ class MemoryGate:
 
     # ---- decisions -------------------------------------------------------------------------------
 
+    def counted(self, snapshot: MemorySnapshot) -> int | None:
+        """What admission counted for mlxd now (see `server.memory.assess_pressure`)."""
+        weights = self.resident_weights if self.resident is not None else self.loading_weights
+        counted = weights + self.reserved + self.prefix_cache_bytes()
+        if self.calibrating and snapshot.mlx is not None:
+            counted = max(counted, snapshot.mlx.active)
+        return counted
+
     def state(self, active: int, snapshot: MemorySnapshot | None = None) -> State:
         snapshot = snapshot or self._current()
-        reading = assess_pressure(snapshot, self.budget, self.swap_baseline)
+        reading = assess_pressure(
+            snapshot, self.budget, self.swap_baseline, counted=self.counted(snapshot)
+        )
         self.last_reading = reading
         resident = None
         if self.resident is not None:
@@ -143,7 +229,7 @@ class MemoryGate:
         # The queue's size and wait time are bounded by the model manager, which owns it.
         return State(
             budget=self.budget.limit,
-            headroom=self.budget.headroom(snapshot),
+            headroom=self.budget.headroom(snapshot, PressureThresholds().spare_yellow),
             resident=resident,
             pressure=pressure,
         )
@@ -159,7 +245,8 @@ class MemoryGate:
         """The manager's question for the oldest waiter: go (admit or swap) or wait."""
         if not isinstance(need, RequestNeed):
             return Verdict.GO  # preload and internal leases carry no request
-        decision = decide(need.need, self.state(active))
+        current = self._refreshed(need)
+        decision = decide(current.need, self.state(active))
         self.last_decision = decision
         if decision.kind is DecisionKind.REJECT:
             raise decision.error()
@@ -172,17 +259,26 @@ class MemoryGate:
                 self.evict_prefix_cache()
                 self._snapshot_at = float("-inf")
             return Verdict.WAIT
+        if decision.kind is DecisionKind.SWAP:
+            self.loading_weights = need.need.weights
         if decision.kind is DecisionKind.ADMIT:
-            self.reserved += need.need.request
+            self._reservations[id(need)] = _Reservation(
+                current.need.request, self.prefix_cache_bytes()
+            )
         return Verdict.GO
 
+    @property
+    def reserved(self) -> int:
+        """Bytes reserved by the requests admitted and not finished."""
+        return sum(r.request for r in self._reservations.values())
+
     def released(self, need: Any) -> None:
-        if isinstance(need, RequestNeed):
-            self.reserved = max(0, self.reserved - need.need.request)
+        self._reservations.pop(id(need), None)
 
     def loaded(self, entry: ModelEntry, info: LoadedModel) -> None:
         self._snapshot_at = float("-inf")  # memory just changed: read it again next time
         self.resident = entry
+        self.loading_weights = 0
         profile = self.profiles.get(entry.id)
         self.resident_weights = profile.weights if profile else info.active_bytes
 
@@ -203,7 +299,9 @@ class MemoryGate:
 
     def poll(self) -> PressureReading:
         snapshot = self._current(max_age=0.0)
-        self.last_reading = assess_pressure(snapshot, self.budget, self.swap_baseline)
+        self.last_reading = assess_pressure(
+            snapshot, self.budget, self.swap_baseline, counted=self.counted(snapshot)
+        )
         return self.last_reading
 
     def status(self) -> dict[str, Any]:
@@ -214,6 +312,9 @@ class MemoryGate:
             "budget_human": format_size(self.budget.limit),
             "budget_basis": self.budget.basis,
             "in_use": reading.in_use,
+            "spare": reading.spare,
+            "overshoot": reading.overshoot,
+            "mlx_limit": self.mlx_limit,
             "in_use_fraction": round(reading.fraction, 3),
             "pressure": reading.level.value,
             "pressure_reasons": list(reading.reasons),
@@ -225,11 +326,38 @@ class MemoryGate:
             "prefix_cache": self.prefix_cache_bytes(),
             "prefix_cache_evictions": self.evictions,
             "resident_weights": self.resident_weights,
+            "calibration": self.calibrator.status() if self.calibrator else {},
         }
 
 
+class Action(str, Enum):
+    """What the pressure monitor does after a reading, in escalating order."""
+
+    NONE = "none"
+    RESUME = "resume"  # green again: admit again
+    PAUSE = "pause"  # stop admitting
+    EVICT = "evict"  # stop admitting and give back the prefix cache (and MLX's buffer cache)
+    END_NEWEST = "end_newest"  # still red after evicting: end the newest running request
+
+
+def respond(level: PressureLevel, paused: bool, red_streak: int) -> Action:
+    """The one policy: admitted work is never ended for memory its estimate counted (the
+    readings only see what admission cannot: see `server.memory.assess_pressure`); when the
+    machine runs short anyway, mlxd first stops admitting, then evicts the prefix cache, and
+    only if the next reading is still red ends the newest request, one per reading."""
+    if level is PressureLevel.GREEN:
+        return Action.RESUME if paused else Action.NONE
+    if level is PressureLevel.YELLOW:
+        return Action.PAUSE
+    return Action.EVICT if red_streak <= 1 else Action.END_NEWEST
+
+
 class PressureMonitor:
-    """Re-reads memory every ``interval`` seconds; pauses admission and ends runs when red."""
+    """Re-reads memory every ``interval`` seconds and acts as `respond` says.
+
+    ``on_red(reading)`` ends the newest running request (it returns nothing; the app logs
+    and tells the client why); ``on_clear`` re-examines the queue when admission resumes.
+    """
 
     def __init__(
         self,
@@ -244,6 +372,8 @@ class PressureMonitor:
         self.interval = interval
         self._task: asyncio.Task[None] | None = None
         self.red_since: float | None = None
+        self.red_streak = 0
+        self.actions: dict[str, int] = {}  # how often each action was taken, for /health
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
@@ -264,18 +394,29 @@ class PressureMonitor:
                 continue
             self.step(reading)
 
-    def step(self, reading: PressureReading) -> None:
-        if reading.level is PressureLevel.RED:
-            if not self.gate.paused_by_pressure:
-                log.warning(
-                    "memory pressure red (%s): pausing admission, ending running requests",
-                    "; ".join(reading.reasons),
-                )
-                self.red_since = time.monotonic()
-            self.gate.paused_by_pressure = True
-            self.on_red(reading)
-        elif self.gate.paused_by_pressure and reading.level is PressureLevel.GREEN:
+    def step(self, reading: PressureReading) -> Action:
+        red = reading.level is PressureLevel.RED
+        self.red_streak = self.red_streak + 1 if red else 0
+        action = respond(reading.level, self.gate.paused_by_pressure, self.red_streak)
+        why = "; ".join(reading.reasons)
+        if action is not Action.NONE:
+            self.actions[action.value] = self.actions.get(action.value, 0) + 1
+        if action is Action.RESUME:
             log.info("memory pressure back to green: admitting again")
             self.gate.paused_by_pressure = False
             self.red_since = None
             self.on_clear()
+        elif action is Action.PAUSE:
+            if not self.gate.paused_by_pressure:
+                log.warning("memory pressure %s (%s): not admitting", reading.level.value, why)
+            self.gate.paused_by_pressure = True
+        elif action is Action.EVICT:
+            log.warning("memory pressure red (%s): not admitting, evicting the prefix cache", why)
+            self.red_since = time.monotonic()
+            self.gate.paused_by_pressure = True
+            self.gate.evictions += 1
+            self.gate.evict_prefix_cache()
+        elif action is Action.END_NEWEST:
+            self.gate.paused_by_pressure = True
+            self.on_red(reading)
+        return action

@@ -78,6 +78,10 @@ class Gate(Protocol):
 
     def loaded(self, entry: ModelEntry, info: LoadedModel) -> None: ...
 
+    async def calibrate(self, entry: ModelEntry, path: Path) -> None:
+        """After a load, before admitting: measure (or reuse) the model's working memory."""
+        ...
+
     def unloaded(self, entry: ModelEntry) -> None: ...
 
 
@@ -260,6 +264,8 @@ class ModelManager:
             log.info("loading model %s", target.id)
             path = await self.registry.prepare(target)
             info = await self.engine.load(path, prewarm=self.prewarm)
+            if self.gate is not None:
+                await self.gate.calibrate(target, path)
             self.resident, self.loaded = target, info
             self.states[target.id] = ModelState.READY
             self.swaps += 1

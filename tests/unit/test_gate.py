@@ -36,8 +36,9 @@ async def test_red_pressure_ends_running_request_with_length(make_client: Client
     client = make_client(engine)
     state = app_state(client)
     assert state.monitor is not None
-    # Three words in, the machine runs short of memory.
-    engine.on_piece = lambda i: state.monitor.step(RED) if i == 3 else None
+    # One word in, the machine runs short of memory: admission stops and the prefix cache
+    # goes; two words later it is still red, so the (newest) running request is ended.
+    engine.on_piece = lambda i: state.monitor.step(RED) if i in (1, 3) else None
     for stream in (True, False):
         r = await client.post(
             "/v1/chat/completions", json={"model": "alpha", "messages": USER, "stream": stream}
@@ -45,12 +46,13 @@ async def test_red_pressure_ends_running_request_with_length(make_client: Client
         if stream:
             payloads = [json.loads(line[6:]) for line in r.text.splitlines()
                         if line.startswith("data: {")]  # fmt: skip
-            reason = payloads[-1]["choices"][0]["finish_reason"]
+            last = payloads[-1]["choices"][0]
             text = "".join(p["choices"][0]["delta"].get("content", "") for p in payloads)
         else:
-            reason = r.json()["choices"][0]["finish_reason"]
-            text = r.json()["choices"][0]["message"]["content"]
-        assert reason == "length"
+            last = r.json()["choices"][0]
+            text = last["message"]["content"]
+        assert last["finish_reason"] == "length"
+        assert last["finish_detail"] == "memory pressure: swap grew by 3.00 GiB"
         assert text.split() == ["word"] * 3  # ended early, not run to the end
         state.monitor.step(GREEN)
 

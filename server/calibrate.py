@@ -1,0 +1,592 @@
+"""Working memory measured on the running backend, fitted, stored and raised when exceeded.
+
+The estimate's weights and KV cache are exact (safetensors headers, mlx-lm's cache rules);
+working memory is not: what a prefill chunk or a decode step holds depends on the kernels of
+the backend (CPU, CUDA, Metal), its allocator and the MLX version. Measured on an H200, the
+hand-written model was low by up to 53 %. So after a model loads and warms up, mlxd measures:
+
+- prefill chunks of several sizes at depth 0, and of the full chunk at two or more context
+  depths (the cache is filled with zeros up to the depth, so a 32K-token depth costs one chunk
+  of compute, not 16);
+- a few decode steps at two context depths, greedy and sampled;
+
+reading ``mx.get_peak_memory()`` above ``mx.get_active_memory()`` before each, and fits the
+terms of :class:`server.estimate.WorkingMemory` so that the fit covers every sample. The result
+is stored as JSON under ``MLXD_HOME/calibration``, keyed by what changes it (model fingerprint,
+backend, MLX version, activation dtype, ``kv_bits``, ``max_kv_size``, prefill chunk), and
+reused on later starts.
+
+Online, every request's measured peak is compared with its estimate (`Calibrator.observe`):
+one that exceeds its estimate raises the terms of the phase that peaked (never lowers them),
+and the stored calibration is rewritten.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from server.estimate import (
+    KV_STEP,
+    Estimate,
+    ModelProfile,
+    WorkingMemory,
+    kv_bytes,
+    prior_working_memory,
+    weight_files,
+)
+
+log = logging.getLogger("mlxd.calibrate")
+
+FORMAT_VERSION = 1
+DECODE_STEPS = 4  # decode steps measured per sample (mlx-lm evaluates one step ahead)
+# On the CPU a 2048-token chunk of even a 135M model takes most of a minute on a small
+# machine, and its working memory is linear in the chunk (measured: the prior model came
+# within 2 %), so the CPU measures short chunks and extends the fit along its slope.
+CPU_MAX_CHUNK = 128
+CPU_MAX_DEPTH = 384
+CPU_MAX_DECODE_CONTEXT = 2048
+# What a calibration sample may hold on top of what is resident: a deep sample is only
+# measured when its predicted peak fits this share of the room under the MLX limit.
+SAMPLE_ROOM_SHARE = 0.8
+RAISE_MARGIN = 1.02  # a raise covers the exceeding sample plus 2 %
+
+
+@dataclass(frozen=True)
+class CalibrationKey:
+    """Everything a calibration depends on; a change of any field measures again."""
+
+    fingerprint: str
+    backend: str
+    mlx_version: str
+    dtype_bytes: int
+    kv_bits: int | None
+    max_kv_size: int | None
+    prefill_chunk: int
+
+    @property
+    def digest(self) -> str:
+        text = json.dumps(asdict(self), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def model_fingerprint(model_dir: Path) -> str:
+    """A hash of ``config.json`` and the safetensors headers: the model's shape and dtypes
+    (not its weight values, which do not change memory)."""
+    digest = hashlib.sha256()
+    digest.update((model_dir / "config.json").read_bytes())
+    for path in weight_files(model_dir):
+        with path.open("rb") as f:
+            head = f.read(8)
+            digest.update(head)
+            digest.update(f.read(int.from_bytes(head, "little")))
+    return digest.hexdigest()[:24]
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One measurement: bytes held above what was allocated before it started."""
+
+    phase: str  # "prefill" or "decode"
+    tokens: int  # chunk tokens (prefill); 1 (decode)
+    keys: int  # keys attention reads: depth + chunk (prefill), context (decode)
+    sampling: bool
+    work: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What to measure: prefill chunk sizes at depth 0, depths for the full chunk, and decode
+    contexts. ``deep`` asks for one more depth, as deep as the context and the memory allow."""
+
+    chunks: tuple[int, ...]
+    depths: tuple[int, ...]
+    decode_contexts: tuple[int, ...]
+    deep: bool
+    context: int
+    room: int  # bytes a sample may hold above what is resident
+
+
+def plan_for(backend: str, prefill_chunk: int, context: int, room: int) -> Plan:
+    """The measurement plan for a model served with ``prefill_chunk`` up to ``context``."""
+    chunk = max(1, min(prefill_chunk, context - 1))
+    if backend == "cpu":
+        big = min(chunk, CPU_MAX_CHUNK)
+        chunks = tuple(sorted({max(1, big // 4), big}))
+        depths = tuple(sorted({0, max(0, min(CPU_MAX_DEPTH, context - big))}))
+        top = min(context - DECODE_STEPS - 1, CPU_MAX_DECODE_CONTEXT)
+        decode = tuple(sorted({max(1, min(big, top)), max(1, top)}))
+        return Plan(chunks, depths, decode, deep=False, context=context, room=room)
+    chunks = tuple(sorted({max(1, chunk // 16), max(1, chunk // 4), chunk}))
+    depths = tuple(sorted({0, max(0, min(chunk, context - chunk))}))
+    decode = (max(1, min(chunk, context - DECODE_STEPS - 1)),)
+    return Plan(chunks, depths, decode, deep=True, context=context, room=room)
+
+
+# --------------------------------------------------------------------------- fit
+
+
+def fit(samples: Sequence[Sample], prior: WorkingMemory) -> WorkingMemory:
+    """Working-memory terms that cover every sample.
+
+    The score slope comes from the full-size chunk measured at several depths (least
+    squares, never negative); the per-chunk term at each measured size is then the largest
+    remainder, so the fit equals the largest sample at each size and exceeds the others.
+    Decode is a line in the context; sampling adds what the sampled samples held beyond it.
+    Terms without samples keep the prior's value.
+    """
+    prefill = [s for s in samples if s.phase == "prefill"]
+    decode = [s for s in samples if s.phase == "decode" and not s.sampling]
+    sampled = [s for s in samples if s.phase == "decode" and s.sampling]
+    working = prior
+    if prefill:
+        biggest = max(s.tokens for s in prefill)
+        deep = [s for s in prefill if s.tokens == biggest]
+        slope = _slope([(s.keys, s.work) for s in deep])
+        per_token_key = prior.per_token_key if slope is None else slope / biggest
+        points: list[tuple[int, float]] = []
+        for n in sorted({s.tokens for s in prefill}):
+            rest = max(s.work - per_token_key * n * s.keys for s in prefill if s.tokens == n)
+            points.append((n, max(0.0, rest, points[-1][1] if points else 0.0)))
+        working = replace(
+            working,
+            prefill_points=tuple(points),
+            per_token_key=per_token_key,
+            quantized_per_token_key=max(prior.quantized_per_token_key, per_token_key),
+            prefill_fixed=0.0,
+            source="measured",
+        )
+    if decode:
+        slope = _slope([(s.keys, s.work) for s in decode])
+        per_key = prior.decode_per_key if slope is None else slope
+        fixed = max(s.work - per_key * s.keys for s in decode)
+        working = replace(working, decode_fixed=max(0.0, fixed), decode_per_key=per_key)
+        if sampled:
+            extra = max(s.work - working.decode(s.keys, sampling=False) for s in sampled)
+            working = replace(working, sampling=max(0.0, extra))
+        working = replace(working, source="measured")
+    return working
+
+
+def _slope(points: Sequence[tuple[int, int]]) -> float | None:
+    """Least-squares slope of ``y`` over ``x``, at least 0; ``None`` with one distinct x."""
+    xs = {x for x, _ in points}
+    if len(xs) < 2:
+        return None
+    mx_ = sum(x for x, _ in points) / len(points)
+    my = sum(y for _, y in points) / len(points)
+    num = sum((x - mx_) * (y - my) for x, y in points)
+    den = sum((x - mx_) ** 2 for x, _ in points)
+    return max(0.0, num / den)
+
+
+# --------------------------------------------------------------------------- measurement
+
+
+def measure(model: Any, profile: ModelProfile, plan: Plan, max_kv_size: int | None) -> list[Sample]:
+    """Run ``plan`` on a loaded mlx-lm ``model`` (on the MLX thread) and return the samples."""
+    import mlx.core as mx
+
+    filler = _CacheFiller(model, max_kv_size)
+    samples: list[Sample] = []
+    vocab = profile.architecture.vocab_size
+
+    def tokens(n: int) -> Any:
+        return mx.array([[(i * 7919 + 100) % vocab for i in range(n)]])
+
+    def prefill(n: int, depth: int) -> None:
+        cache = filler.cache(depth, room=n)
+        x = tokens(n)
+        mx.eval(x)
+        work = _held(lambda: mx.eval([c.state for c in _call(model, x, cache)]))
+        samples.append(Sample("prefill", n, depth + n, False, work))
+
+    def decode(context: int, sampling: bool) -> None:
+        from mlx_lm.generate import generate_step
+        from mlx_lm.sample_utils import make_sampler
+
+        cache = filler.cache(context, room=DECODE_STEPS + 2)
+        sampler = make_sampler(temp=1.0, top_p=0.9, top_k=40) if sampling else None
+        x = mx.array([1])
+
+        def run() -> None:
+            for _ in generate_step(
+                x, model, max_tokens=DECODE_STEPS, sampler=sampler, prompt_cache=cache
+            ):
+                pass
+
+        samples.append(Sample("decode", 1, context + 1, sampling, _held(run)))
+
+    biggest = max(plan.chunks)
+    for n in plan.chunks:
+        prefill(n, 0)
+    for depth in plan.depths:
+        if depth:
+            prefill(biggest, depth)
+    deep_context = None
+    if plan.deep:
+        guess = fit(samples, prior_working_memory(profile.architecture, profile.dtype_bytes, "cpu"))
+        depth = _deepest(profile, guess, biggest, plan, max_kv_size)
+        if depth > 2 * max(plan.depths):
+            prefill(biggest, depth)
+            deep_context = depth + biggest
+    for context in plan.decode_contexts + ((deep_context,) if deep_context else ()):
+        decode(context, sampling=False)
+    decode(plan.decode_contexts[0], sampling=True)
+    return samples
+
+
+def _call(model: Any, x: Any, cache: list[Any]) -> list[Any]:
+    model(x, cache=cache)  # as mlx-lm's prefill: only the cache is evaluated, not the logits
+    return cache
+
+
+def _held(run: Callable[[], None]) -> int:
+    """Peak bytes ``run`` allocated above what was active when it started."""
+    import mlx.core as mx
+
+    gc.collect()
+    mx.clear_cache()
+    base = int(mx.get_active_memory())
+    mx.reset_peak_memory()
+    run()
+    return max(0, int(mx.get_peak_memory()) - base)
+
+
+def _deepest(
+    profile: ModelProfile, working: WorkingMemory, chunk: int, plan: Plan, max_kv_size: int | None
+) -> int:
+    """The deepest context (in KV steps) whose sample fits the room, up to the context."""
+    arch = profile.architecture
+    depth = (plan.context - chunk) // KV_STEP * KV_STEP
+    while depth > 0:
+        kv = kv_bytes(arch, depth + chunk, None, profile.dtype_bytes, max_kv_size)
+        if kv + working.prefill(chunk, depth + chunk) <= SAMPLE_ROOM_SHARE * plan.room:
+            return depth
+        depth = depth * 3 // 4 // KV_STEP * KV_STEP
+    return 0
+
+
+class _CacheFiller:
+    """Prompt caches already ``depth`` tokens deep: plain KV caches get zero-filled buffers
+    with room for what the sample adds (so the sample allocates no cache); other cache types
+    (rotating, linear-attention state) start empty, as their size does not grow with depth."""
+
+    def __init__(self, model: Any, max_kv_size: int | None) -> None:
+        import mlx.core as mx
+        from mlx_lm.models.cache import make_prompt_cache
+
+        self._model = model
+        self._max_kv_size = max_kv_size
+        probe = make_prompt_cache(model, max_kv_size=max_kv_size)
+        model(mx.array([[1]]), cache=probe)
+        mx.eval([c.state for c in probe])
+        self._shapes = [self._kv_shapes(c) for c in probe]
+        del probe
+
+    @staticmethod
+    def _kv_shapes(cache: Any) -> tuple[Any, Any] | None:
+        from mlx_lm.models.cache import KVCache
+
+        keys: Any = getattr(cache, "keys", None)
+        values: Any = getattr(cache, "values", None)
+        if type(cache) is not KVCache or keys is None or values is None:
+            return None
+        return (keys.shape, keys.dtype), (values.shape, values.dtype)
+
+    def cache(self, depth: int, room: int) -> list[Any]:
+        import mlx.core as mx
+        from mlx_lm.models.cache import make_prompt_cache
+
+        cache = make_prompt_cache(self._model, max_kv_size=self._max_kv_size)
+        if depth == 0 and room <= 0:
+            return cache
+        capacity = math.ceil((depth + room) / KV_STEP) * KV_STEP
+        for c, shapes in zip(cache, self._shapes, strict=True):
+            if shapes is None:
+                continue
+            (kshape, kdtype), (vshape, vdtype) = shapes
+            c.keys = mx.zeros((*kshape[:2], capacity, kshape[3]), kdtype)
+            c.values = mx.zeros((*vshape[:2], capacity, vshape[3]), vdtype)
+            c.offset = depth
+            mx.eval(c.keys, c.values)
+        return cache
+
+
+# --------------------------------------------------------------------------- store
+
+
+@dataclass(frozen=True)
+class Calibration:
+    key: CalibrationKey
+    working: WorkingMemory
+    samples: tuple[Sample, ...]
+    measured_at: float  # time.time()
+    seconds: float  # how long measuring took
+    raises: int = 0  # times online learning raised it
+    reused: bool = False  # read from the store rather than measured by this process
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT_VERSION,
+            "key": asdict(self.key),
+            "working": self.working.to_json(),
+            "samples": [asdict(s) for s in self.samples],
+            "measured_at": self.measured_at,
+            "seconds": self.seconds,
+            "raises": self.raises,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Calibration:
+        return cls(
+            key=CalibrationKey(**data["key"]),
+            working=WorkingMemory.from_json(data["working"]),
+            samples=tuple(Sample(**s) for s in data["samples"]),
+            measured_at=float(data["measured_at"]),
+            seconds=float(data["seconds"]),
+            raises=int(data.get("raises", 0)),
+            reused=True,
+        )
+
+    def describe(self, now: float | None = None) -> str:
+        """The banner/health line: "calibrated 2.1 s ago (took 3.4 s)" or "reused ..."."""
+        age = (now or time.time()) - self.measured_at
+        how = "reused calibration from" if self.reused else "calibrated"
+        raised = f", raised {self.raises}×" if self.raises else ""
+        return f"{how} {_ago(age)} ago (measuring took {self.seconds:.1f} s{raised})"
+
+
+def _ago(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 172800:
+        return f"{seconds / 3600:.0f} h"
+    return f"{seconds / 86400:.0f} days"
+
+
+class CalibrationStore:
+    """One JSON file per key under ``root`` (``MLXD_HOME/calibration``)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def path(self, key: CalibrationKey) -> Path:
+        return self.root / f"{key.digest}.json"
+
+    def load(self, key: CalibrationKey) -> Calibration | None:
+        path = self.path(key)
+        try:
+            data = json.loads(path.read_text())
+            if data.get("format") != FORMAT_VERSION:
+                return None
+            found = Calibration.from_json(data)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("ignoring unreadable calibration %s: %s", path, exc)
+            return None
+        return found if found.key == key else None
+
+    def save(self, calibration: Calibration) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = self.path(calibration.key)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(calibration.to_json(), indent=1))
+        tmp.replace(path)  # atomic: a concurrent reader sees the old file or the new one
+
+
+# --------------------------------------------------------------------------- serving
+
+
+@dataclass
+class ErrorStats:
+    """Estimate error of served requests: (estimate − measured) / measured."""
+
+    count: int = 0
+    low: float = math.inf
+    high: float = -math.inf
+    total: float = 0.0
+    exceeded: int = 0
+    last: float | None = None
+
+    def add(self, error: float) -> None:
+        self.count += 1
+        self.low = min(self.low, error)
+        self.high = max(self.high, error)
+        self.total += error
+        self.last = error
+        self.exceeded += error < 0
+
+    def to_json(self) -> dict[str, Any]:
+        if not self.count:
+            return {"requests": 0}
+        return {
+            "requests": self.count,
+            "mean": round(self.total / self.count, 4),
+            "min": round(self.low, 4),
+            "max": round(self.high, 4),
+            "last": round(self.last or 0.0, 4),
+            "exceeded": self.exceeded,
+        }
+
+
+Measure = Callable[[Callable[[Any], list[Sample]]], Awaitable[list[Sample]]]
+
+
+@dataclass
+class Calibrator:
+    """The calibrations of this process, by model id, with the store behind them.
+
+    ``run`` runs a function of the loaded model on the MLX thread (the engine's
+    ``with_model``); without it nothing is measured and estimates use the prior.
+    ``version`` changes whenever any calibration does, so estimates made before can be redone.
+    """
+
+    store: CalibrationStore | None
+    backend: str
+    mlx_version: str
+    run: Measure | None = None
+    current: dict[str, Calibration] = field(default_factory=dict)
+    errors: dict[str, ErrorStats] = field(default_factory=dict)
+    version: int = 0
+    _keys: dict[tuple[str, Path, int | None, int | None, int], CalibrationKey] = field(
+        default_factory=dict
+    )
+    _missing: set[str] = field(default_factory=set)  # digests the store does not have
+
+    def key(
+        self,
+        model_dir: Path,
+        profile: ModelProfile,
+        kv_bits: int | None,
+        max_kv_size: int | None,
+        prefill_chunk: int,
+    ) -> CalibrationKey:
+        memo = (self.backend, model_dir, kv_bits, max_kv_size, prefill_chunk)
+        key = self._keys.get(memo)
+        if key is None:
+            key = CalibrationKey(
+                fingerprint=model_fingerprint(model_dir),
+                backend=self.backend,
+                mlx_version=self.mlx_version,
+                dtype_bytes=profile.dtype_bytes,
+                kv_bits=kv_bits,
+                max_kv_size=max_kv_size,
+                prefill_chunk=prefill_chunk,
+            )
+            self._keys[memo] = key
+        return key
+
+    def working(self, model: str, key: CalibrationKey) -> WorkingMemory | None:
+        """The calibrated terms for ``key``: this process's, else the store's, else None."""
+        found = self.current.get(model)
+        if found is not None and found.key == key:
+            return found.working
+        if self.store is not None and key.digest not in self._missing:
+            stored = self.store.load(key)
+            if stored is not None:
+                self._adopt(model, stored)
+                return stored.working
+            self._missing.add(key.digest)  # estimates run per request: read the disk once
+        return None
+
+    async def ensure(
+        self, model: str, key: CalibrationKey, profile: ModelProfile, context: int, room: int
+    ) -> Calibration | None:
+        """Reuse the stored calibration for ``key`` or measure one on the loaded model."""
+        if self.working(model, key) is not None:
+            found = self.current[model]
+            log.info("%s: %s", model, found.describe())
+            return found
+        if self.run is None:
+            return None
+        plan = plan_for(self.backend, key.prefill_chunk, context, room)
+        start = time.perf_counter()
+        try:
+            samples = await self.run(lambda m: measure(m, profile, plan, key.max_kv_size))
+        except Exception as exc:  # a failed calibration leaves the prior in place
+            log.warning("%s: calibration failed, estimating with the prior: %s", model, exc)
+            return None
+        prior = prior_working_memory(profile.architecture, profile.dtype_bytes, _backend(key))
+        calibration = Calibration(
+            key=key,
+            working=fit(samples, prior),
+            samples=tuple(samples),
+            measured_at=time.time(),
+            seconds=time.perf_counter() - start,
+        )
+        self._adopt(model, calibration)
+        if self.store is not None:
+            self.store.save(calibration)
+        log.info("%s: %s, %d samples", model, calibration.describe(), len(samples))
+        return calibration
+
+    def observe(self, model: str, estimate: Estimate, measured: int) -> None:
+        """Compare a served request's measured peak with its estimate; raise when exceeded."""
+        error = (estimate.total - measured) / measured if measured > 0 else 0.0
+        self.errors.setdefault(model, ErrorStats()).add(error)
+        if measured <= estimate.total:
+            return
+        found = self.current.get(model)
+        if found is None:
+            log.warning(
+                "%s: request peaked at %d bytes, %d over its estimate (no calibration to raise)",
+                model, measured, measured - estimate.total,
+            )  # fmt: skip
+            return
+        phase = "decode" if estimate.peak_phase == "decode" else "prefill"
+        work = estimate.decode if phase == "decode" else estimate.prefill
+        shortfall = measured - estimate.total
+        factor = (work + shortfall) / work * RAISE_MARGIN if work > 0 else RAISE_MARGIN
+        raised = replace(
+            found,
+            working=found.working.raised(phase, factor),
+            raises=found.raises + 1,
+        )
+        self._adopt(model, raised)
+        if self.store is not None:
+            self.store.save(raised)
+        log.warning(
+            "%s: request peaked at %d bytes, %.1f %% over its estimate of %d: %s working "
+            "memory raised ×%.3f",
+            model, measured, 100 * shortfall / estimate.total, estimate.total, phase, factor,
+        )  # fmt: skip
+
+    def status(self) -> dict[str, Any]:
+        now = time.time()
+        out: dict[str, Any] = {}
+        for model in sorted(set(self.current) | set(self.errors)):
+            entry: dict[str, Any] = {}
+            found = self.current.get(model)
+            if found is not None:
+                entry.update(
+                    line=found.describe(now),
+                    reused=found.reused,
+                    age_s=round(now - found.measured_at, 1),
+                    seconds=round(found.seconds, 2),
+                    raises=found.raises,
+                    source=found.working.source,
+                )
+            entry["estimate_error"] = self.errors.get(model, ErrorStats()).to_json()
+            out[model] = entry
+        return out
+
+    def _adopt(self, model: str, calibration: Calibration) -> None:
+        self.current[model] = calibration
+        self.version += 1
+
+
+def _backend(key: CalibrationKey) -> Any:
+    return key.backend if key.backend in ("metal", "cuda", "cpu") else "cpu"
