@@ -50,11 +50,10 @@ log = logging.getLogger("mlxd.calibrate")
 FORMAT_VERSION = 1
 DECODE_STEPS = 4  # decode steps measured per sample (mlx-lm evaluates one step ahead)
 # On the CPU a 2048-token chunk of even a 135M model takes most of a minute on a small
-# machine, and its working memory is linear in the chunk (measured: the prior model came
-# within 2 %), so the CPU measures short chunks and extends the fit along its slope.
-CPU_MAX_CHUNK = 128
-CPU_MAX_DEPTH = 384
-CPU_MAX_DECODE_CONTEXT = 2048
+# machine, so the CPU measures depth only this far (and decode only this deep).
+CPU_MAX_DEPTH = 512
+CPU_MAX_DECODE_CONTEXT = 4096
+MIN_CHUNK = 16  # the smallest chunk size measured
 # What a calibration sample may hold on top of what is resident: a deep sample is only
 # measured when its predicted peak fits this share of the room under the MLX limit.
 SAMPLE_ROOM_SHARE = 0.8
@@ -117,19 +116,23 @@ class Plan:
 
 
 def plan_for(backend: str, prefill_chunk: int, context: int, room: int) -> Plan:
-    """The measurement plan for a model served with ``prefill_chunk`` up to ``context``."""
+    """The measurement plan for a model served with ``prefill_chunk`` up to ``context``.
+
+    Chunks are measured at the sizes serving uses (the full chunk, and smaller ones for the
+    last chunk of a prompt), each at depth 0 and at one depth; a GPU adds one deep sample of
+    the full chunk. The CPU keeps its depth short: a deep sample there costs minutes, and its
+    score matrix grows linearly with depth (the prior model matched it within 2 %).
+    """
     chunk = max(1, min(prefill_chunk, context - 1))
+    sizes = {min(chunk, max(MIN_CHUNK, c)) for c in (chunk // 16, chunk // 4, chunk)}
+    chunks = tuple(sorted(sizes))
+    cap = CPU_MAX_DEPTH if backend == "cpu" else chunk
+    depths = tuple(sorted({0, max(0, min(cap, context - chunk))}))
+    top = max(1, context - DECODE_STEPS - 1)
+    decode: tuple[int, ...] = (min(chunk, top),)  # a GPU adds the deep sample's context
     if backend == "cpu":
-        big = min(chunk, CPU_MAX_CHUNK)
-        chunks = tuple(sorted({max(1, big // 4), big}))
-        depths = tuple(sorted({0, max(0, min(CPU_MAX_DEPTH, context - big))}))
-        top = min(context - DECODE_STEPS - 1, CPU_MAX_DECODE_CONTEXT)
-        decode = tuple(sorted({max(1, min(big, top)), max(1, top)}))
-        return Plan(chunks, depths, decode, deep=False, context=context, room=room)
-    chunks = tuple(sorted({max(1, chunk // 16), max(1, chunk // 4), chunk}))
-    depths = tuple(sorted({0, max(0, min(chunk, context - chunk))}))
-    decode = (max(1, min(chunk, context - DECODE_STEPS - 1)),)
-    return Plan(chunks, depths, decode, deep=True, context=context, room=room)
+        decode = tuple(sorted({*decode, min(top, CPU_MAX_DECODE_CONTEXT)}))
+    return Plan(chunks, depths, decode, deep=backend != "cpu", context=context, room=room)
 
 
 # --------------------------------------------------------------------------- fit
@@ -138,30 +141,29 @@ def plan_for(backend: str, prefill_chunk: int, context: int, room: int) -> Plan:
 def fit(samples: Sequence[Sample], prior: WorkingMemory) -> WorkingMemory:
     """Working-memory terms that cover every sample.
 
-    The score slope comes from the full-size chunk measured at several depths (least
-    squares, never negative); the per-chunk term at each measured size is then the largest
-    remainder, so the fit equals the largest sample at each size and exceeds the others.
-    Decode is a line in the context; sampling adds what the sampled samples held beyond it.
-    Terms without samples keep the prior's value.
+    For each prefill chunk size the score slope comes from its samples at several depths
+    (least squares, never negative; the prior's where one depth was measured), and the
+    per-chunk term is then the largest remainder, so the fit equals the largest sample of
+    each size and exceeds the others. Decode is a line in the context; sampling adds what
+    the sampled samples held beyond it. Terms without samples keep the prior's value.
     """
     prefill = [s for s in samples if s.phase == "prefill"]
     decode = [s for s in samples if s.phase == "decode" and not s.sampling]
     sampled = [s for s in samples if s.phase == "decode" and s.sampling]
     working = prior
     if prefill:
-        biggest = max(s.tokens for s in prefill)
-        deep = [s for s in prefill if s.tokens == biggest]
-        slope = _slope([(s.keys, s.work) for s in deep])
-        per_token_key = prior.per_token_key if slope is None else slope / biggest
-        points: list[tuple[int, float]] = []
+        prior_slope = prior.prefill_points[-1][2]
+        points: list[tuple[int, float, float]] = []
         for n in sorted({s.tokens for s in prefill}):
-            rest = max(s.work - per_token_key * n * s.keys for s in prefill if s.tokens == n)
-            points.append((n, max(0.0, rest, points[-1][1] if points else 0.0)))
+            mine = [s for s in prefill if s.tokens == n]
+            slope = _slope([(s.keys, s.work) for s in mine])
+            per_key = prior_slope if slope is None else slope / n
+            rest = max(s.work - per_key * n * s.keys for s in mine)
+            points.append((n, max(0.0, rest), per_key))
         working = replace(
             working,
             prefill_points=tuple(points),
-            per_token_key=per_token_key,
-            quantized_per_token_key=max(prior.quantized_per_token_key, per_token_key),
+            quantized_per_token_key=max(prior.quantized_per_token_key, points[-1][2]),
             prefill_fixed=0.0,
             source="measured",
         )
@@ -228,10 +230,8 @@ def measure(model: Any, profile: ModelProfile, plan: Plan, max_kv_size: int | No
 
     biggest = max(plan.chunks)
     for n in plan.chunks:
-        prefill(n, 0)
-    for depth in plan.depths:
-        if depth:
-            prefill(biggest, depth)
+        for depth in plan.depths:
+            prefill(n, depth)
     deep_context = None
     if plan.deep:
         guess = fit(samples, prior_working_memory(profile.architecture, profile.dtype_bytes, "cpu"))

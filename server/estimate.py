@@ -589,21 +589,23 @@ class WorkingMemory:
     calibration (:mod:`server.calibrate`) measures on the running backend.
 
     - A prefill chunk of ``n`` tokens whose attention reads ``k`` keys holds
-      ``fixed + f(n) + per_token_key · n · k``: ``f`` is piecewise linear through
-      ``prefill_points`` (``(n, bytes)``, ascending; extended beyond the last point along the
-      last segment), since on a GPU the kernels change with the chunk size (e.g. a quantized
-      matmul that dequantizes its weights for long inputs); ``per_token_key`` is the score
-      matrix where the kernel materializes it (0 where it is fused).
+      ``prefill_fixed + f(n) + s(n) · n · k``. ``prefill_points`` holds ``(n, f(n), s(n))``
+      at the measured chunk sizes, ascending; between them both are interpolated linearly,
+      below the first ``f`` is proportional and ``s`` constant, beyond the last ``f``
+      follows the last segment and ``s`` stays. Kernels change with the chunk size (on the
+      CPU the score matrix of a short chunk is float32, of a long one the activation dtype;
+      on a GPU a quantized matmul may dequantize its weights for long inputs), so each size
+      has its own terms. ``s`` is the score matrix where the kernel materializes it (0 where
+      attention is fused).
     - A decode step of one sequence at context ``k`` holds ``decode_fixed + decode_per_key · k``,
       plus ``sampling`` when it samples (top-p/top-k sort the vocabulary) rather than taking
       the argmax. A batch of sequences holds the sum of theirs.
 
-    ``quantized_per_token_key`` replaces ``per_token_key`` once a ``kv_bits`` cache is
-    quantized (mlx-lm's quantized attention is written out in plain ops).
+    ``quantized_per_token_key`` is the least ``s`` once a ``kv_bits`` cache is quantized
+    (mlx-lm's quantized attention is written out in plain ops).
     """
 
-    prefill_points: tuple[tuple[int, float], ...]
-    per_token_key: float
+    prefill_points: tuple[tuple[int, float, float], ...]
     decode_fixed: float
     decode_per_key: float
     sampling: float
@@ -613,24 +615,33 @@ class WorkingMemory:
 
     def prefill(self, tokens: int, keys: int, quantized: bool = False) -> float:
         """Working memory of one prefill chunk of ``tokens`` tokens reading ``keys`` keys."""
-        slope = self.quantized_per_token_key if quantized else self.per_token_key
-        return self.prefill_fixed + self._tokens(tokens) + slope * tokens * keys
+        fixed, slope = self._at(tokens)
+        if quantized:
+            slope = max(slope, self.quantized_per_token_key)
+        return self.prefill_fixed + fixed + slope * tokens * keys
 
     def decode(self, context: int, sampling: bool) -> float:
         """Working memory of one sequence's decode step at ``context`` tokens."""
         extra = self.sampling if sampling else 0.0
         return self.decode_fixed + self.decode_per_key * context + extra
 
-    def _tokens(self, n: int) -> float:
+    def _at(self, n: int) -> tuple[float, float]:
         points = self.prefill_points
-        x0, y0 = points[0]
+        x0, f0, s0 = points[0]
         if n <= x0 or len(points) == 1:
-            return y0 * n / x0  # proportional below (or with) a single point
-        for (xa, ya), (xb, yb) in itertools.pairwise(points):
-            if n <= xb:
-                return ya + (yb - ya) * (n - xa) / (xb - xa)
-        (xa, ya), (xb, yb) = points[-2], points[-1]
-        return max(yb, yb + (yb - ya) * (n - xb) / (xb - xa))
+            return (f0 * n / x0, s0) if n <= x0 else self._beyond(n, (0, 0.0, s0), points[0])
+        for a, b in itertools.pairwise(points):
+            if n <= b[0]:
+                t = (n - a[0]) / (b[0] - a[0])
+                return a[1] + (b[1] - a[1]) * t, a[2] + (b[2] - a[2]) * t
+        return self._beyond(n, points[-2], points[-1])
+
+    @staticmethod
+    def _beyond(
+        n: int, a: tuple[int, float, float], b: tuple[int, float, float]
+    ) -> tuple[float, float]:
+        fixed = b[1] + (b[1] - a[1]) * (n - b[0]) / (b[0] - a[0])
+        return max(b[1], fixed), b[2]
 
     def raised(self, phase: str, factor: float) -> WorkingMemory:
         """These terms with one phase's (``prefill`` or ``decode``) scaled up by ``factor``."""
@@ -646,8 +657,7 @@ class WorkingMemory:
             )
         return replace(
             self,
-            prefill_points=tuple((n, y * factor) for n, y in self.prefill_points),
-            per_token_key=self.per_token_key * factor,
+            prefill_points=tuple((n, f * factor, s * factor) for n, f, s in self.prefill_points),
             quantized_per_token_key=self.quantized_per_token_key * factor,
             prefill_fixed=self.prefill_fixed * factor,
             source="learned",
@@ -656,7 +666,6 @@ class WorkingMemory:
     def to_json(self) -> dict[str, Any]:
         return {
             "prefill_points": [list(p) for p in self.prefill_points],
-            "per_token_key": self.per_token_key,
             "decode_fixed": self.decode_fixed,
             "decode_per_key": self.decode_per_key,
             "sampling": self.sampling,
@@ -668,8 +677,9 @@ class WorkingMemory:
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> WorkingMemory:
         return cls(
-            prefill_points=tuple((int(n), float(y)) for n, y in data["prefill_points"]),
-            per_token_key=float(data["per_token_key"]),
+            prefill_points=tuple(
+                (int(n), float(f), float(s)) for n, f, s in data["prefill_points"]
+            ),
             decode_fixed=float(data["decode_fixed"]),
             decode_per_key=float(data["decode_per_key"]),
             sampling=float(data["sampling"]),
@@ -686,9 +696,9 @@ def prior_working_memory(arch: Architecture, dtype_bytes: int, backend: Backend)
     per_token = width * _activation_bytes(dtype_bytes)
     scores = arch.num_heads * SCORE_COPIES * dtype_bytes + MASK_BYTES
     fused = not _materializes_scores(backend, arch.head_dim, quantized=False)
+    chunk = DEFAULT_PREFILL_CHUNK
     return WorkingMemory(
-        prefill_points=((DEFAULT_PREFILL_CHUNK, per_token * DEFAULT_PREFILL_CHUNK),),
-        per_token_key=0.0 if fused else scores,
+        prefill_points=((chunk, per_token * chunk, 0.0 if fused else scores),),
         decode_fixed=DECODE_LOGIT_ROWS * dtype_bytes * arch.vocab_size + per_token,
         decode_per_key=arch.num_heads * 4.0,  # one float32 query row per head
         sampling=SAMPLING_ROWS * 4.0 * arch.vocab_size,
