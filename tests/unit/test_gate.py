@@ -14,7 +14,7 @@ from server.admission import Need
 from server.config import ModelEntry, PathSource
 from server.engine import LoadedModel
 from server.errors import InsufficientMemory
-from server.gate import MemoryGate, RequestNeed
+from server.gate import Action, MemoryGate, PressureMonitor, RequestNeed, respond
 from server.manager import Verdict
 from server.memory import MemoryBudget, MemorySnapshot, MlxMemory, PressureLevel, PressureReading
 from tests.fakes import FakeEngine
@@ -147,3 +147,63 @@ def test_gate_refuses_what_never_fits_before_queueing() -> None:
         gate.precheck(need)
     assert "2.00 GiB of weights" in info.value.message
     assert "memory budget of 1.00 GiB" in info.value.message
+
+
+# --------------------------------------------------------------------------- the one policy
+
+
+@pytest.mark.parametrize(
+    ("level", "paused", "streak", "action"),
+    [
+        pytest.param(PressureLevel.GREEN, False, 0, Action.NONE, id="green"),
+        pytest.param(PressureLevel.GREEN, True, 0, Action.RESUME, id="green-again-resumes"),
+        pytest.param(PressureLevel.YELLOW, False, 0, Action.PAUSE, id="yellow-stops-admitting"),
+        pytest.param(PressureLevel.YELLOW, True, 0, Action.PAUSE, id="yellow-stays-paused"),
+        pytest.param(PressureLevel.RED, False, 1, Action.EVICT, id="red-first-evicts"),
+        pytest.param(PressureLevel.RED, True, 2, Action.END_NEWEST, id="still-red-ends-newest"),
+        pytest.param(PressureLevel.RED, True, 5, Action.END_NEWEST, id="one-more-per-reading"),
+    ],
+)
+def test_pressure_policy(level: PressureLevel, paused: bool, streak: int, action: Action) -> None:
+    assert respond(level, paused, streak) is action
+
+
+@pytest.mark.parametrize(
+    ("name", "available", "mlx_active", "others_take", "actions"),
+    [
+        # Admitted work uses all it counted (weights 6 + reserved 3.5 of a 10 GiB budget):
+        # the machine is full of mlxd's own, counted memory, and nothing is done about it.
+        pytest.param("counted", 12 << 30, (19 << 29), 0, ["none", "none", "none"],
+                     id="own-counted-memory-is-never-pressure"),
+        # Another program takes 9 GiB, 0.5 more than the running request left: stop
+        # admitting and evict the prefix cache first, end the newest only if still red.
+        pytest.param("others", 12 << 30, 6 << 30, 9 << 30, ["evict", "end_newest", "end_newest"],
+                     id="outside-pressure-in-order"),
+    ],
+)  # fmt: skip
+def test_monitor_acts_only_on_what_admission_cannot_see(
+    name: str, available: int, mlx_active: int, others_take: int, actions: list[str]
+) -> None:
+    budget = MemoryBudget(limit=10 << 30, total=16 << 30, reserve=0.22, basis="test")
+    evicted: list[int] = []
+    gate = MemoryGate(
+        budget,
+        snapshot=lambda: _snapshot(available - others_take - (mlx_active - (6 << 30)), mlx_active),
+        evict_prefix_cache=lambda: evicted.append(1),
+    )
+    entry = _entry("m")
+    gate.loaded(entry, LoadedModel(Path("/x"), {}, 0.0, 0, 6 << 30))
+    gate.resident_weights = 6 << 30
+    need = RequestNeed(Need("m", weights=6 << 30, request=7 << 29, prompt_tokens=10,
+                            max_tokens=10), entry)  # fmt: skip
+    gate._snapshot = lambda: _snapshot(available, 6 << 30)  # admitted on a quiet machine
+    assert gate.check(need, resident=entry, active=0) is Verdict.GO
+    gate._snapshot = lambda: _snapshot(  # then it runs (and maybe others take memory)
+        available - others_take - (mlx_active - (6 << 30)), mlx_active
+    )
+    ended: list[PressureReading] = []
+    monitor = PressureMonitor(gate, ended.append, lambda: None)
+    got = [monitor.step(gate.poll()).value for _ in actions]
+    assert got == actions
+    assert len(ended) == actions.count("end_newest")
+    assert len(evicted) == actions.count("evict")
