@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -16,7 +17,7 @@ from fastapi import FastAPI
 
 from server import __version__
 from server.api import install_error_handlers, router
-from server.calibrate import CalibrationStore, Calibrator
+from server.calibrate import CalibrationStore, Calibrator, measure
 from server.chat import ChatService
 from server.config import ConfigError, ModelsFile, Settings, load_models, parse_duration
 from server.engine import Engine, MLXEngine
@@ -71,7 +72,8 @@ def build_calibrator(settings: Settings, engine: Engine) -> Calibrator | None:
     info = backend_info()
     backend = info.name if info.name in ("metal", "cuda") else "cpu"
     store = CalibrationStore(settings.home / "calibration")
-    return Calibrator(store, backend, info.mlx_version, run=engine.with_model)
+    run = functools.partial(measure, engine.with_model)
+    return Calibrator(store, backend, info.mlx_version, measure=run)
 
 
 def build_state(settings: Settings, engine: Engine, models: ModelsFile | None = None) -> AppState:

@@ -23,6 +23,8 @@ and the stored calibration is rewritten.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import gc
 import hashlib
 import json
@@ -194,55 +196,83 @@ def _slope(points: Sequence[tuple[int, int]]) -> float | None:
 # --------------------------------------------------------------------------- measurement
 
 
-def measure(model: Any, profile: ModelProfile, plan: Plan, max_kv_size: int | None) -> list[Sample]:
-    """Run ``plan`` on a loaded mlx-lm ``model`` (on the MLX thread) and return the samples."""
-    import mlx.core as mx
+Run = Callable[[Callable[[Any], Any]], Awaitable[Any]]  # the engine's ``with_model``
 
-    filler = _CacheFiller(model, max_kv_size)
-    samples: list[Sample] = []
+
+async def measure(
+    run: Run, profile: ModelProfile, plan: Plan, max_kv_size: int | None
+) -> list[Sample]:
+    """Run ``plan`` on the loaded mlx-lm model through ``run`` (the engine's ``with_model``:
+    each sample is one job on the MLX thread, so requests can run between samples)."""
+    filler: _CacheFiller = await run(lambda m: _CacheFiller(m, max_kv_size))
     vocab = profile.architecture.vocab_size
+    samples: list[Sample] = []
 
-    def tokens(n: int) -> Any:
-        return mx.array([[(i * 7919 + 100) % vocab for i in range(n)]])
+    async def take(phase: str, tokens: int, keys: int, sampling: bool, make: Any) -> None:
+        def job(model: Any) -> int:
+            if model is not filler.model:
+                raise RuntimeError("the model changed while it was being calibrated")
+            return int(make(model))
 
-    def prefill(n: int, depth: int) -> None:
-        cache = filler.cache(depth, room=n)
-        x = tokens(n)
-        mx.eval(x)
-        work = _held(lambda: mx.eval([c.state for c in _call(model, x, cache)]))
-        samples.append(Sample("prefill", n, depth + n, False, work))
+        samples.append(Sample(phase, tokens, keys, sampling, await run(job)))
 
-    def decode(context: int, sampling: bool) -> None:
-        from mlx_lm.generate import generate_step
-        from mlx_lm.sample_utils import make_sampler
+    prior = prior_working_memory(profile.architecture, profile.dtype_bytes, "cpu")
 
-        cache = filler.cache(context, room=DECODE_STEPS + 2)
-        sampler = make_sampler(temp=1.0, top_p=0.9, top_k=40) if sampling else None
-        x = mx.array([1])
-
-        def run() -> None:
-            for _ in generate_step(
-                x, model, max_tokens=DECODE_STEPS, sampler=sampler, prompt_cache=cache
-            ):
-                pass
-
-        samples.append(Sample("decode", 1, context + 1, sampling, _held(run)))
+    def fits(tokens: int, keys: int, decode: bool = False) -> bool:
+        """Whether a sample's cache and (predicted) work fit the room: a sample must not
+        push the machine, or the budget, further than serving would."""
+        guess = fit(samples, prior) if samples else prior
+        kv = kv_bytes(profile.architecture, keys, None, profile.dtype_bytes, max_kv_size)
+        work = guess.decode(keys, False) if decode else guess.prefill(tokens, keys)
+        return kv + work <= SAMPLE_ROOM_SHARE * plan.room
 
     biggest = max(plan.chunks)
     for n in plan.chunks:
         for depth in plan.depths:
-            prefill(n, depth)
-    deep_context = None
+            if depth and not fits(n, depth + n):
+                continue
+            work = functools.partial(_prefill_sample, filler=filler, vocab=vocab, n=n, depth=depth)
+            await take("prefill", n, depth + n, False, work)
+    contexts = [c for c in plan.decode_contexts if c == plan.decode_contexts[0] or fits(1, c, True)]
     if plan.deep:
-        guess = fit(samples, prior_working_memory(profile.architecture, profile.dtype_bytes, "cpu"))
-        depth = _deepest(profile, guess, biggest, plan, max_kv_size)
+        depth = _deepest(profile, fit(samples, prior), biggest, plan, max_kv_size)
         if depth > 2 * max(plan.depths):
-            prefill(biggest, depth)
-            deep_context = depth + biggest
-    for context in plan.decode_contexts + ((deep_context,) if deep_context else ()):
-        decode(context, sampling=False)
-    decode(plan.decode_contexts[0], sampling=True)
+            work = functools.partial(
+                _prefill_sample, filler=filler, vocab=vocab, n=biggest, depth=depth
+            )
+            await take("prefill", biggest, depth + biggest, False, work)
+            contexts.append(depth + biggest)
+    for context, sampling in [(c, False) for c in contexts] + [(contexts[0], True)]:
+        work = functools.partial(_decode_sample, filler=filler, context=context, sampling=sampling)
+        await take("decode", 1, context + 1, sampling, work)
     return samples
+
+
+def _prefill_sample(model: Any, *, filler: _CacheFiller, vocab: int, n: int, depth: int) -> int:
+    import mlx.core as mx
+
+    cache = filler.cache(depth, room=n)
+    x = mx.array([[(i * 7919 + 100) % vocab for i in range(n)]])
+    mx.eval(x)
+    return _held(lambda: mx.eval([c.state for c in _call(model, x, cache)]))
+
+
+def _decode_sample(model: Any, *, filler: _CacheFiller, context: int, sampling: bool) -> int:
+    import mlx.core as mx
+    from mlx_lm.generate import generate_step
+    from mlx_lm.sample_utils import make_sampler
+
+    cache = filler.cache(context, room=DECODE_STEPS + 2)
+    sampler = make_sampler(temp=1.0, top_p=0.9, top_k=40) if sampling else None
+    x = mx.array([1])
+
+    def run() -> None:
+        for _ in generate_step(
+            x, model, max_tokens=DECODE_STEPS, sampler=sampler, prompt_cache=cache
+        ):
+            pass
+
+    return _held(run)
 
 
 def _call(model: Any, x: Any, cache: list[Any]) -> list[Any]:
@@ -285,7 +315,7 @@ class _CacheFiller:
         import mlx.core as mx
         from mlx_lm.models.cache import make_prompt_cache
 
-        self._model = model
+        self.model = model
         self._max_kv_size = max_kv_size
         probe = make_prompt_cache(model, max_kv_size=max_kv_size)
         model(mx.array([[1]]), cache=probe)
@@ -307,7 +337,7 @@ class _CacheFiller:
         import mlx.core as mx
         from mlx_lm.models.cache import make_prompt_cache
 
-        cache = make_prompt_cache(self._model, max_kv_size=self._max_kv_size)
+        cache = make_prompt_cache(self.model, max_kv_size=self._max_kv_size)
         if depth == 0 and room <= 0:
             return cache
         capacity = math.ceil((depth + room) / KV_STEP) * KV_STEP
@@ -442,22 +472,22 @@ class ErrorStats:
         }
 
 
-Measure = Callable[[Callable[[Any], list[Sample]]], Awaitable[list[Sample]]]
+Measure = Callable[[ModelProfile, Plan, int | None], Awaitable[list[Sample]]]
 
 
 @dataclass
 class Calibrator:
     """The calibrations of this process, by model id, with the store behind them.
 
-    ``run`` runs a function of the loaded model on the MLX thread (the engine's
-    ``with_model``); without it nothing is measured and estimates use the prior.
+    ``measure`` takes the samples of a plan on the loaded model (`measure` bound to the
+    engine's ``with_model``); without it nothing is measured and estimates use the prior.
     ``version`` changes whenever any calibration does, so estimates made before can be redone.
     """
 
     store: CalibrationStore | None
     backend: str
     mlx_version: str
-    run: Measure | None = None
+    measure: Measure | None = None
     current: dict[str, Calibration] = field(default_factory=dict)
     errors: dict[str, ErrorStats] = field(default_factory=dict)
     version: int = 0
@@ -465,6 +495,7 @@ class Calibrator:
         default_factory=dict
     )
     _missing: set[str] = field(default_factory=set)  # digests the store does not have
+    running: dict[str, asyncio.Task[Calibration | None]] = field(default_factory=dict)
 
     def key(
         self,
@@ -503,19 +534,43 @@ class Calibrator:
         return None
 
     async def ensure(
-        self, model: str, key: CalibrationKey, profile: ModelProfile, context: int, room: int
+        self,
+        model: str,
+        key: CalibrationKey,
+        profile: ModelProfile,
+        context: int,
+        room: int,
+        background: bool = False,
     ) -> Calibration | None:
-        """Reuse the stored calibration for ``key`` or measure one on the loaded model."""
+        """Reuse the stored calibration for ``key`` or measure one on the loaded model.
+
+        ``background`` returns at once and measures between requests (estimates use the
+        prior until it is done); otherwise admission waits for it.
+        """
         if self.working(model, key) is not None:
             found = self.current[model]
             log.info("%s: %s", model, found.describe())
             return found
-        if self.run is None:
+        if self.measure is None or model in self.running:
             return None
+        task = asyncio.get_running_loop().create_task(
+            self._measure(model, key, profile, context, room)
+        )
+        self.running[model] = task
+        task.add_done_callback(lambda _: self.running.pop(model, None))
+        if background:
+            log.info("%s: calibrating between requests (the prior estimates until then)", model)
+            return None
+        return await task
+
+    async def _measure(
+        self, model: str, key: CalibrationKey, profile: ModelProfile, context: int, room: int
+    ) -> Calibration | None:
+        assert self.measure is not None
         plan = plan_for(self.backend, key.prefill_chunk, context, room)
         start = time.perf_counter()
         try:
-            samples = await self.run(lambda m: measure(m, profile, plan, key.max_kv_size))
+            samples = await self.measure(profile, plan, key.max_kv_size)
         except Exception as exc:  # a failed calibration leaves the prior in place
             log.warning("%s: calibration failed, estimating with the prior: %s", model, exc)
             return None
@@ -567,7 +622,7 @@ class Calibrator:
     def status(self) -> dict[str, Any]:
         now = time.time()
         out: dict[str, Any] = {}
-        for model in sorted(set(self.current) | set(self.errors)):
+        for model in sorted(set(self.current) | set(self.errors) | set(self.running)):
             entry: dict[str, Any] = {}
             found = self.current.get(model)
             if found is not None:
@@ -579,6 +634,8 @@ class Calibrator:
                     raises=found.raises,
                     source=found.working.source,
                 )
+            if model in self.running:
+                entry["line"] = "calibrating"
             entry["estimate_error"] = self.errors.get(model, ErrorStats()).to_json()
             out[model] = entry
         return out

@@ -160,15 +160,20 @@ class MemoryGate:
         context = entry.context_length or profile.architecture.context_length or 4096
         snapshot = self._current(max_age=0.0)
         cache = snapshot.mlx.cache if snapshot.mlx else 0
-        # What the machine can give now, whatever the budget: the stored result is reused
-        # under any budget, so it must not depend on one.
-        room = snapshot.available + cache
+        # Samples fit what the machine can give now and what the budget leaves beside the
+        # weights: calibration must not push further than serving would. (A small budget
+        # measures shallower; deeper contexts follow the fitted slopes.)
+        room = min(snapshot.available + cache, self.budget.limit - profile.weights)
+        key = self._key(entry, model_dir)
+        # On a GPU measuring takes a second or two and admission waits for it; on the CPU a
+        # full prefill chunk takes most of a minute, so it measures between requests while
+        # the prior, itself measured on the CPU backend, estimates.
+        background = self.calibrator.backend == "cpu"
         self.calibrating = True
         try:
-            key = self._key(entry, model_dir)
-            await self.calibrator.ensure(entry.id, key, profile, context, room)
+            await self.calibrator.ensure(entry.id, key, profile, context, room, background)
         finally:
-            self.calibrating = False
+            self.calibrating = bool(self.calibrator.running)
             self._snapshot_at = float("-inf")
 
     def _refreshed(self, item: RequestNeed) -> RequestNeed:
@@ -209,7 +214,10 @@ class MemoryGate:
         """What admission counted for mlxd now (see `server.memory.assess_pressure`)."""
         weights = self.resident_weights if self.resident is not None else self.loading_weights
         counted = weights + self.reserved + self.prefix_cache_bytes()
-        if self.calibrating and snapshot.mlx is not None:
+        self.calibrating = bool(self.calibrator and self.calibrator.running)
+        # Nothing resident (a load in progress) or calibration running: what MLX holds is
+        # deliberate, not an overshoot of any estimate.
+        if (self.calibrating or self.resident is None) and snapshot.mlx is not None:
             counted = max(counted, snapshot.mlx.active)
         return counted
 

@@ -23,6 +23,7 @@ Needs only what serving needs (no openai, no matplotlib), so it runs on a bare G
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import os
@@ -39,7 +40,7 @@ import httpx
 
 from server.bench.runner import PromptBook
 from server.bench.targets import SpawnedServer, read_stream
-from server.calibrate import Calibration, CalibrationStore, Calibrator
+from server.calibrate import Calibration, CalibrationStore, Calibrator, measure
 from server.estimate import ModelProfile, estimate_request
 from server.memory import format_size, parse_size
 
@@ -101,8 +102,9 @@ def calibrate_in_process(
         return fn(model)
 
     calibrator = Calibrator(
-        CalibrationStore(home / "calibration"), _backend(), backend_info().mlx_version, run=run
-    )
+        CalibrationStore(home / "calibration"), _backend(), backend_info().mlx_version,
+        measure=functools.partial(measure, run),
+    )  # fmt: skip
     key = calibrator.key(model_dir, profile, None, None, chunk)
     snap = take_snapshot()
     room = snap.available + int(mx.get_cache_memory())

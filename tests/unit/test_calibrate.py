@@ -207,8 +207,8 @@ def test_fingerprint_follows_shapes_not_paths(tmp_path: Path) -> None:
     assert model_fingerprint(a) != model_fingerprint(b)
 
 
-def fake_run(samples: list[Sample], calls: list[int]) -> Callable[[Any], Any]:
-    async def run(fn: Any) -> list[Sample]:
+def fake_measure(samples: list[Sample], calls: list[int]) -> Callable[..., Any]:
+    async def run(profile: ModelProfile, plan: Plan, max_kv_size: int | None) -> list[Sample]:
         calls.append(1)
         return samples  # what measure() would have read on a backend following backend_law
 
@@ -218,7 +218,7 @@ def fake_run(samples: list[Sample], calls: list[int]) -> Callable[[Any], Any]:
 def test_calibrator_measures_once_then_later_starts_reuse(tmp_path: Path) -> None:
     calls: list[int] = []
     store = CalibrationStore(tmp_path)
-    first = Calibrator(store, "cuda", "0.32.4", run=fake_run(samples_for(GPU_PLAN), calls))
+    first = Calibrator(store, "cuda", "0.32.4", measure=fake_measure(samples_for(GPU_PLAN), calls))
     k = key()
     assert first.working("m", k) is None
     done = asyncio.run(first.ensure("m", k, PROFILE, 40960, 100 << 30))
@@ -226,7 +226,7 @@ def test_calibrator_measures_once_then_later_starts_reuse(tmp_path: Path) -> Non
     assert "calibrated" in done.describe() and "measuring took" in done.describe()
     assert first.working("m", k) == done.working
     # A new process (new Calibrator) finds it in the store and does not measure.
-    second = Calibrator(store, "cuda", "0.32.4", run=fake_run([], calls))
+    second = Calibrator(store, "cuda", "0.32.4", measure=fake_measure([], calls))
     again = asyncio.run(second.ensure("m", k, PROFILE, 40960, 100 << 30))
     assert again is not None and again.reused and calls == [1]
     assert again.describe().startswith("reused calibration from")
@@ -234,10 +234,10 @@ def test_calibrator_measures_once_then_later_starts_reuse(tmp_path: Path) -> Non
 
 
 def test_failed_measurement_keeps_the_prior(tmp_path: Path) -> None:
-    async def broken(fn: Any) -> list[Sample]:
+    async def broken(profile: ModelProfile, plan: Plan, max_kv_size: int | None) -> list[Sample]:
         raise RuntimeError("device lost")
 
-    calibrator = Calibrator(CalibrationStore(tmp_path), "cuda", "0.32.4", run=broken)
+    calibrator = Calibrator(CalibrationStore(tmp_path), "cuda", "0.32.4", measure=broken)
     assert asyncio.run(calibrator.ensure("m", key(), PROFILE, 40960, 1 << 30)) is None
     assert calibrator.working("m", key()) is None
 
@@ -280,7 +280,7 @@ def test_gate_re_estimates_a_waiter_after_its_model_is_calibrated(tmp_path: Path
     snap = MemorySnapshot(platform="linux", source="test", total=16 << 30, available=12 << 30,
                           physical_total=16 << 30, swap_total=0, swap_used=0,
                           mlx=MlxMemory(active=0, cache=0))  # fmt: skip
-    prior = prior_working_memory(profile.architecture, profile.dtype_bytes, "cpu")
+    prior = prior_working_memory(profile.architecture, profile.dtype_bytes, "cuda")
     bigger = WorkingMemory(
         prefill_points=((64, 50 * MB, 0.0),), decode_fixed=prior.decode_fixed,
         decode_per_key=prior.decode_per_key, sampling=prior.sampling,
@@ -288,10 +288,11 @@ def test_gate_re_estimates_a_waiter_after_its_model_is_calibrated(tmp_path: Path
     )  # fmt: skip
     samples = [Sample("prefill", 64, 64, False, 50 * MB)]
 
-    async def run(fn: Any) -> list[Sample]:
+    async def run(profile: ModelProfile, plan: Plan, max_kv_size: int | None) -> list[Sample]:
         return samples
 
-    calibrator = Calibrator(CalibrationStore(tmp_path / "cal"), "cpu", "0.32.4", run=run)
+    # (A GPU backend: admission waits for the calibration; the CPU measures in the background.)
+    calibrator = Calibrator(CalibrationStore(tmp_path / "cal"), "cuda", "0.32.4", measure=run)
     gate = MemoryGate(budget, snapshot=lambda: snap, calibrator=calibrator)
     need = gate.need_for(entry, model_dir, 100, 10, 512, sampling=False)
     assert need.need.request < 50 * MB  # the prior's guess
