@@ -189,7 +189,10 @@ def stress(
     max_tokens: int,
     home: Path,
     out: Path,
+    errors: dict[str, Any],
 ) -> list[StressRow]:
+    """Growing prompts against a spawned server per budget; ``errors`` receives, per budget,
+    the server's calibration line and the estimate error it saw (``/health``)."""
     from mlx_lm.utils import load_tokenizer
 
     config = json.loads((model_dir / "config.json").read_text())
@@ -224,6 +227,9 @@ def stress(
                 )
             health = httpx.get(server.base_url.removesuffix("/v1") + "/health", timeout=30).json()
             (out / f"health-budget-{label}.json").write_text(json.dumps(health, indent=1))
+            calibration = health["memory"].get("calibration", {}).get(name, {})
+            errors[label] = {"calibration": calibration.get("line"),
+                             **calibration.get("estimate_error", {})}  # fmt: skip
         finally:
             server.stop()
     return rows
@@ -262,6 +268,7 @@ def render(
     calibration: Calibration | None,
     rows: Sequence[StressRow],
     budget: str | None,
+    errors: dict[str, Any] | None = None,
 ) -> str:
     out = [f"# Memory: {model}", ""]
     if calibration is not None:
@@ -308,6 +315,15 @@ def render(
             )
         growth = max((r.swap_growth or 0 for r in rows), default=0)
         out += ["", f"Swap growth seen by the server: {format_size(growth)}.", ""]
+        for label, seen in (errors or {}).items():
+            if seen.get("requests"):
+                out.append(
+                    f"Server (budget {label}): {seen.get('calibration')}; estimate error over "
+                    f"{seen['requests']} requests (estimate − measured) / measured: "
+                    f"min {seen['min']:+.1%}, mean {seen['mean']:+.1%}, max {seen['max']:+.1%}, "
+                    f"{seen['exceeded']} exceeded."
+                )
+        out.append("")
     return "\n".join(out)
 
 
@@ -342,11 +358,14 @@ def main(argv: list[str] | None = None) -> int:
             args.model_dir, args.lengths, args.max_tokens, args.prefill_chunk, home
         )
     rows: list[StressRow] = []
+    errors: dict[str, Any] = {}
     if args.stress:
         budgets = [None, args.budget] if args.budget else [None]
-        rows = stress(args.model_dir, args.stress, budgets, args.stress_max_tokens, home, out)
+        rows = stress(
+            args.model_dir, args.stress, budgets, args.stress_max_tokens, home, out, errors
+        )
     name = args.model_dir.resolve().name
-    report = render(name, est, calibration, rows, args.budget)
+    report = render(name, est, calibration, rows, args.budget, errors)
     (out / "memory.md").write_text(report + "\n")
     with (out / "memory.jsonl").open("w") as f:
         for e in est:
