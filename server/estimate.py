@@ -21,8 +21,10 @@ and decode follow from ``config.json`` and from how mlx-lm 0.32 allocates them:
 
 The peak of a request is simulated phase by phase, the way ``mlx_lm.generate_step`` runs
 it: each prefill chunk (KV then allocated + that chunk's working memory), then decoding
-(the final KV + logits). Working memory was calibrated on this project's CPU machine
-against ``mx.get_peak_memory()`` (see `measure_request` and the constants below).
+(the final KV + logits). Working memory is `WorkingMemory`: measured on the running backend
+by :mod:`server.calibrate`, or, until then, the prior (`prior_working_memory`), which was
+fitted once on this project's CPU machine against ``mx.get_peak_memory()`` (see
+`measure_request` and the constants below).
 """
 
 from __future__ import annotations
@@ -942,13 +944,43 @@ def measure_request(
     """
     import mlx.core as mx
     from mlx_lm import load
-    from mlx_lm.generate import generate_step
 
     gc.collect()
     mx.clear_cache()
     mx.reset_peak_memory()
     model = load(str(model_dir))[0]
     vocab = Architecture.from_config(read_config(Path(model_dir))).vocab_size
+    peak = measure_loaded(
+        model, vocab, prompt_tokens, max_tokens, prefill_chunk=prefill_chunk,
+        kv_bits=kv_bits, max_kv_size=max_kv_size, reset=False,
+    )  # fmt: skip
+    del model
+    gc.collect()
+    mx.clear_cache()
+    return peak
+
+
+def measure_loaded(
+    model: Any,
+    vocab: int,
+    prompt_tokens: int,
+    max_tokens: int,
+    *,
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+    kv_bits: int | None = None,
+    max_kv_size: int | None = None,
+    reset: bool = True,
+) -> int:
+    """MLX's peak while a loaded mlx-lm ``model`` serves one greedy request as the engine
+    runs it (``generate_step``; weights included, as they are active). ``reset=False``
+    keeps the peak of what came before (the load, in `measure_request`)."""
+    import mlx.core as mx
+    from mlx_lm.generate import generate_step
+
+    if reset:
+        gc.collect()
+        mx.clear_cache()
+        mx.reset_peak_memory()
     # Spread ids over the vocabulary; which tokens they are does not change memory.
     prompt = mx.array([(i * 7919 + 100) % vocab for i in range(prompt_tokens)])
     steps = generate_step(
@@ -962,7 +994,7 @@ def measure_request(
     for _ in steps:
         pass
     peak = int(mx.get_peak_memory())
-    del model, steps
+    del steps, prompt
     gc.collect()
     mx.clear_cache()
     return peak

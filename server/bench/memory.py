@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import gc
 import json
 import os
 import platform
@@ -38,10 +37,11 @@ from typing import Any
 
 import httpx
 
+from server.bench import _free_port as free_port
 from server.bench.runner import PromptBook
 from server.bench.targets import SpawnedServer, read_stream
 from server.calibrate import Calibration, CalibrationStore, Calibrator, measure
-from server.estimate import ModelProfile, estimate_request
+from server.estimate import ModelProfile, estimate_request, measure_loaded
 from server.memory import format_size, parse_size
 
 GB = 1e9
@@ -114,29 +114,6 @@ def calibrate_in_process(
     return found
 
 
-def measure_peak(model: Any, vocab: int, prompt_tokens: int, max_tokens: int, chunk: int) -> int:
-    """MLX's peak while the loaded ``model`` serves one greedy request, as the engine runs it."""
-    import mlx.core as mx
-    from mlx_lm.generate import generate_step
-    from mlx_lm.models.cache import make_prompt_cache
-
-    gc.collect()
-    mx.clear_cache()
-    mx.reset_peak_memory()
-    cache = make_prompt_cache(model)
-    prompt = mx.array([(i * 7919 + 100) % vocab for i in range(prompt_tokens)])
-    steps = generate_step(
-        prompt, model, max_tokens=max_tokens, prompt_cache=cache, prefill_step_size=chunk
-    )
-    for _ in steps:
-        pass
-    peak = int(mx.get_peak_memory())
-    del cache, steps, prompt
-    gc.collect()
-    mx.clear_cache()
-    return peak
-
-
 def estimates(
     model_dir: Path, lengths: Sequence[int], max_tokens: int, chunk: int, home: Path
 ) -> tuple[list[EstimateRow], Calibration]:
@@ -160,7 +137,9 @@ def estimates(
         kw: dict[str, Any] = {"backend": backend, "prefill_chunk": chunk, "sampling": False}
         prior = estimate_request(profile, n, tokens, **kw).total
         est = estimate_request(profile, n, tokens, working=calibration.working, **kw).total
-        measured = measure_peak(model, profile.architecture.vocab_size, n, tokens, chunk)
+        measured = measure_loaded(
+            model, profile.architecture.vocab_size, n, tokens, prefill_chunk=chunk
+        )
         row = EstimateRow(n, tokens, prior, est, measured)
         rows.append(row)
         print(
@@ -172,14 +151,6 @@ def estimates(
 
 
 # --------------------------------------------------------------------------- length stress
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def stress(
@@ -203,7 +174,7 @@ def stress(
     cfg.write_text(json.dumps({"default": name, "models": [entry]}))
     rows: list[StressRow] = []
     for budget in budgets:
-        port = _free_port()
+        port = free_port()
         argv = [sys.executable, "-m", "server", "serve", "--config", str(cfg), "--port", str(port),
                 "--preload", "--prefix-cache", "0"]  # fmt: skip
         if budget:

@@ -19,10 +19,9 @@ import httpx
 import pytest
 import yaml
 
-from server.bench.memory import measure_peak
 from server.bench.runner import PromptBook
 from server.calibrate import CalibrationStore, Calibrator, measure
-from server.estimate import ModelProfile, estimate_request
+from server.estimate import ModelProfile, estimate_request, measure_loaded
 from server.memory import format_size
 from server.random_model import build_random_qwen3
 from tests.conftest import RunningServer, run_server
@@ -55,7 +54,7 @@ def test_calibrated_estimate_covers_the_measured_peak(tmp_path: Path) -> None:
         estimate = estimate_request(
             profile, prompt, 8, backend="cpu", sampling=False, working=found.working
         ).total
-        measured = measure_peak(model, profile.architecture.vocab_size, prompt, 8, 2048)
+        measured = measure_loaded(model, profile.architecture.vocab_size, prompt, 8)
         assert measured <= estimate <= measured * 1.10, (prompt, estimate, measured)
 
 
