@@ -306,3 +306,24 @@ def test_gate_re_estimates_a_waiter_after_its_model_is_calibrated(tmp_path: Path
     gate.released(need)
     assert gate.reserved == 0
     assert isinstance(need.need, Need)
+
+
+def test_background_calibration_estimates_with_the_prior_until_done(tmp_path: Path) -> None:
+    release = asyncio.Event()
+
+    async def slow(profile: ModelProfile, plan: Plan, max_kv_size: int | None) -> list[Sample]:
+        await release.wait()
+        return samples_for(GPU_PLAN)
+
+    async def scenario() -> None:
+        calibrator = Calibrator(CalibrationStore(tmp_path), "cpu", "0.32.4", measure=slow)
+        k = key(backend="cpu")
+        assert await calibrator.ensure("m", k, PROFILE, 40960, 1 << 30, background=True) is None
+        assert calibrator.working("m", k) is None  # the prior estimates meanwhile
+        assert calibrator.status()["m"]["line"] == "calibrating"
+        release.set()
+        await calibrator.running["m"]
+        assert calibrator.working("m", k) is not None
+        assert "m" not in calibrator.running
+
+    asyncio.run(scenario())
