@@ -668,9 +668,9 @@ def mlx_memory_limit(budget: MemoryBudget, snapshot: MemorySnapshot) -> int:
     """MLX's memory limit: a ceiling against runaway allocation, not the budget.
 
     When MLX's active memory is over its limit, every evaluation commits what it has
-    encoded and waits for the GPU to finish a command buffer before it encodes more
-    (``eval_impl`` in mlx/transforms.cpp), and the allocators give back their cache before
-    allocating: work runs in tiny serialized steps. A limit at the budget therefore slowed
+    encoded and waits for the GPU to finish a command buffer before it encodes more, and
+    keeps waiting while it stays over (``eval_impl`` in mlx/transforms.cpp): the GPU runs in
+    tiny serialized steps with a host round trip between them. A limit at the budget slowed
     every request whose peak came near it (measured on an H200: a 2,872-token prefill took
     55.8 s instead of 0.25 s). Admission keeps requests inside the budget; the limit sits
     above it, at 95 % of what the machine can give this process (free memory plus what
