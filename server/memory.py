@@ -671,8 +671,8 @@ def mlx_memory_limit(budget: MemoryBudget, snapshot: MemorySnapshot) -> int:
     encoded and waits for the GPU to finish a command buffer before it encodes more, and
     keeps waiting while it stays over (``eval_impl`` in mlx/transforms.cpp): the GPU runs in
     tiny serialized steps with a host round trip between them. A limit at the budget slowed
-    every request whose peak came near it (measured on an H200: a 2,872-token prefill took
-    55.8 s instead of 0.25 s). Admission keeps requests inside the budget; the limit sits
+    every request whose real peak went past it (measured on an H200, where the estimate was
+    low: a 2,872-token prefill took 55.8 s instead of 0.25 s). Admission keeps requests inside the budget; the limit sits
     above it, at 95 % of what the machine can give this process (free memory plus what
     MLX already holds), and never closer to the budget than 10 %, so only allocation that
     nothing admitted is throttled, and the pressure monitor ends it.
