@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -155,6 +156,11 @@ class BudgetGate:
 
     def loaded(self, entry: ModelEntry, info: LoadedModel) -> int:
         return GIB
+
+    async def calibrate(
+        self, entry: ModelEntry, path: Path, resident: Callable[[], Resident | None]
+    ) -> None:
+        pass
 
     def unloaded(self, entry: ModelEntry) -> None:
         pass
