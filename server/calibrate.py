@@ -60,6 +60,7 @@ MIN_CHUNK = 16  # the smallest chunk size measured
 # A sample is measured only when its cache and predicted work fit this share of the room
 # (what the budget and the machine leave beside the resident model and running requests).
 SAMPLE_ROOM_SHARE = 0.8
+PRIOR_LINE = "using prior"  # no calibration yet: the hand-written working memory estimates
 RAISE_MARGIN = 1.02  # a raise covers the exceeding sample plus 2 %
 DEEP_SAMPLES = 4  # depths of the full chunk measured beyond the shallow one (GPU)
 
@@ -649,6 +650,7 @@ class Calibrator:
                 )
             if model in self.running:
                 entry["line"] = "calibrating"
+            entry.setdefault("line", PRIOR_LINE)
             entry["estimate_error"] = self.errors.get(model, ErrorStats()).to_json()
             out[model] = entry
         return out

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from server.admission import Decision, DecisionKind, Need, Reason, Resident, State, decide
-from server.calibrate import Calibrator
+from server.calibrate import PRIOR_LINE, Calibrator
 from server.config import ModelEntry
 from server.engine import LoadedModel
 from server.estimate import Estimate, ModelProfile, WorkingMemory, estimate_request
@@ -138,6 +138,14 @@ class MemoryGate:
         if self.calibrator is None:
             return None
         return self.calibrator.working(entry.id, self._key(entry, model_dir))
+
+    def calibration_line(self, entry: ModelEntry, model_dir: Path) -> str:
+        """For the banner: the stored calibration this start will reuse, or the prior."""
+        if self.calibrator is None:
+            return "off (this engine cannot measure): using prior"
+        if self.working(entry, model_dir) is None:
+            return f"{PRIOR_LINE} until measured after the load"
+        return self.calibrator.current[entry.id].describe()
 
     def _key(self, entry: ModelEntry, model_dir: Path) -> Any:
         assert self.calibrator is not None

@@ -48,7 +48,7 @@ def test_calibrated_estimate_covers_the_measured_peak(tmp_path: Path) -> None:
         measure=functools.partial(measure, run),
     )  # fmt: skip
     key = calibrator.key(model_dir, profile, None, None, 2048)
-    found = asyncio.run(calibrator.ensure("tiny", key, profile, 8192, 1 << 30))
+    found = asyncio.run(calibrator.ensure("tiny", key, profile, 8192, lambda: 1 << 30))
     assert found is not None and found.working.source == "measured"
     for prompt in (16, 700, 2100, 4500):
         estimate = estimate_request(
