@@ -30,7 +30,7 @@ import itertools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any, Protocol
@@ -214,7 +214,7 @@ class ModelManager:
             "reserved": self.residency.reserved,
             "resident_weights": self.residency.weights,
             "sequences": [
-                {**asdict(f), "since": None, "stop": None, "running_s": round(now - f.since, 2)}
+                {**_public(f), "running_s": round(now - f.since, 2)}
                 for f in self.residency.flights.values()
             ],
             "queue": [
@@ -493,6 +493,11 @@ class ModelManager:
         if self._switching is not None:
             with contextlib.suppress(Exception):
                 await self._switching
+
+
+def _public(flight: Flight) -> dict[str, Any]:
+    """A flight's fields for /health (not its start time or its stop hook)."""
+    return {k: v for k, v in vars(flight).items() if k not in ("since", "stop")}
 
 
 def _entry_keep_alive(entry: ModelEntry, default: float | None) -> float | None:
