@@ -61,6 +61,9 @@ MIN_CHUNK = 16  # the smallest chunk size measured
 # (what the budget and the machine leave beside the resident model and running requests).
 SAMPLE_ROOM_SHARE = 0.8
 PRIOR_LINE = "using prior"  # no calibration yet: the hand-written working memory estimates
+# Peaks of the same work vary by a few tenths of a percent from run to run (MLX's CPU threads
+# free buffers in a different order): the fit covers each sample plus this margin.
+FIT_MARGIN = 1.02
 RAISE_MARGIN = 1.02  # a raise covers the exceeding sample plus 2 %
 DEEP_SAMPLES = 4  # depths of the full chunk measured beyond the shallow one (GPU)
 
@@ -150,8 +153,9 @@ def fit(samples: Sequence[Sample], prior: WorkingMemory) -> WorkingMemory:
     keys, never falling as keys grow), so it equals every sample's peak; a size measured at one
     depth only gets the prior's growth with depth. Decode is a line in the context that covers
     its samples; sampling adds what the sampled samples held beyond it. Terms without samples
-    keep the prior's value.
+    keep the prior's value. Every sample counts ``FIT_MARGIN`` over what it measured.
     """
+    samples = [replace(s, work=math.ceil(s.work * FIT_MARGIN)) for s in samples]
     prefill = [s for s in samples if s.phase == "prefill"]
     decode = [s for s in samples if s.phase == "decode" and not s.sampling]
     sampled = [s for s in samples if s.phase == "decode" and s.sampling]
