@@ -48,7 +48,7 @@ def _settings(args: argparse.Namespace) -> Settings:
     return from_args(args)
 
 
-def banner(settings: Settings, model_id: str, model_dir: Path) -> str:
+def banner(settings: Settings, model_id: str, model_dir: Path, calibration: str) -> str:
     from server.backend import backend_info
     from server.memory import compute_budget, format_size, parse_size, take_snapshot
 
@@ -61,6 +61,7 @@ def banner(settings: Settings, model_id: str, model_dir: Path) -> str:
         ("backend", backend_info().describe()),
         ("memory", f"budget {format_size(budget.limit)}  ({budget.basis}), "
                    f"{format_size(snapshot.available)} available now"),
+        ("calibration", calibration),
         ("models", str(settings.config_path)),
         ("url", url),
         ("status", f"http://{settings.host}:{settings.port}/  (metrics: /metrics)"),
@@ -90,7 +91,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # Import/download the default model before listening, with progress bars on the terminal,
     # so the first request does not pay for it.
     model_dir = state.registry.prepare_sync(default, progress=True)
-    print(banner(settings, default.id, model_dir), file=sys.stderr, flush=True)
+    calibration = state.gate.calibration_line(default, model_dir)
+    print(banner(settings, default.id, model_dir, calibration), file=sys.stderr, flush=True)
     log_level = "warning" if settings.log_level == "info" else settings.log_level
     config = listener.config(
         app,

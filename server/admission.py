@@ -6,7 +6,9 @@ machine can still give, the resident model, pressure, the queue), it answers
 
 - ``join``: the model is resident and the sequence fits beside the running batch (its KV cache
   and working memory next to the reservations of the sequences already running, and the batch
-  is below ``max_concurrency``): it joins the batch now;
+  is below ``max_concurrency``): it joins the batch now. mlx-lm's batch cache holds every
+  sequence at the length of the longest (left-padded), so a sequence joining a batch pays
+  for the padding too (`batch_padding`);
 - ``swap``: load the model (unloading the idle resident one, if any) and then run it;
 - ``swap_after_drain``: another model is serving; let its batch drain (nothing new joins it
   meanwhile, so the wait is bounded by what already runs), then swap;
@@ -43,6 +45,7 @@ class Need:
     # ``request`` for another ``max_tokens``, non-decreasing in it (an estimate with a
     # different max_tokens); lets a refusal say how many tokens would fit.
     request_for: Callable[[int], int] | None = None
+    kv_per_token: int = 0  # cache bytes of one more token (for the batch's padding)
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,7 @@ class Resident:
     active: int = 0  # sequences admitted and not finished (the running batch)
     reserved: int = 0  # the sum of their ``Need.request``
     max_concurrency: int | None = None  # the most sequences the batch may hold
+    longest: int = 0  # the most tokens (prompt + max_tokens) a running sequence may reach
 
 
 @dataclass(frozen=True)
@@ -196,6 +200,18 @@ def _largest_fitting_max_tokens(need: Need, budget: int) -> int | None:
     return lo
 
 
+def batch_padding(need: Need, resident: Resident) -> int:
+    """Cache bytes a joining sequence adds beyond its own estimate: mlx-lm's batch cache is as
+    long as its longest sequence, so a shorter joiner is padded to the batch's length, and a
+    longer one pads every running sequence to its own."""
+    if resident.active == 0:
+        return 0
+    own = need.prompt_tokens + need.max_tokens
+    short = max(0, resident.longest - own)
+    long = max(0, own - resident.longest)
+    return need.kv_per_token * (short + resident.active * long)
+
+
 def _place(need: Need, state: State) -> Decision:
     if state.pressure is PressureLevel.RED:
         return Decision(
@@ -218,12 +234,13 @@ def _place(need: Need, state: State) -> Decision:
             )
         planned = state.budget - resident.weights - resident.reserved
         room = min(planned, state.headroom)
-        if need.request <= room:
+        wanted = need.request + batch_padding(need, resident)
+        if wanted <= room:
             return Decision(
                 DecisionKind.JOIN,
                 Reason.FITS,
-                f"fits: {format_size(need.request)} of {format_size(room)} free",
-                need.request,
+                f"fits: {format_size(wanted)} of {format_size(room)} free",
+                wanted,
                 room,
             )
         busy = resident.active > 0
@@ -231,9 +248,8 @@ def _place(need: Need, state: State) -> Decision:
         return Decision(
             DecisionKind.WAIT,
             Reason.MEMORY_BUSY if busy else Reason.MACHINE_BUSY,
-            f"needs {format_size(need.request)} but {holders} leave "
-            f"{format_size(max(0, room))} free",
-            need.request,
+            f"needs {format_size(wanted)} but {holders} leave {format_size(max(0, room))} free",
+            wanted,
             room,
         )
     total = need.weights + need.request

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -16,6 +17,7 @@ from fastapi import FastAPI
 
 from server import __version__, apis
 from server.api import install_error_handlers, router
+from server.calibrate import CalibrationStore, Calibrator, measure
 from server.chat import ChatService
 from server.config import ConfigError, ModelsFile, load_models, parse_duration
 from server.engine import Engine, MLXEngine
@@ -62,7 +64,21 @@ def build_gate(settings: Settings, engine: Engine) -> MemoryGate:
         swap_baseline=snapshot.swap_used,
         prefix_cache_bytes=lambda: engine.stats().get("prefix_cache_bytes", 0),
         evict_prefix_cache=evict,
+        calibrator=build_calibrator(settings, engine),
     )
+
+
+def build_calibrator(settings: Settings, engine: Engine) -> Calibrator | None:
+    """Working memory measured on this backend (only the MLX engine can measure)."""
+    if not isinstance(engine, MLXEngine):
+        return None
+    from server.backend import backend_info
+
+    info = backend_info()
+    backend = info.name if info.name in ("metal", "cuda") else "cpu"
+    store = CalibrationStore(settings.home / "calibration")
+    run = functools.partial(measure, engine.with_model)
+    return Calibrator(store, backend, info.mlx_version, measure=run)
 
 
 def build_state(settings: Settings, engine: Engine, models: ModelsFile | None = None) -> AppState:
@@ -112,21 +128,22 @@ def create_app(
     state = build_state(settings, engine, models)
 
     def on_red(reading: PressureReading) -> None:
-        ended = state.chat.end_running("length")
-        if ended:
-            log.warning("ended %d running request(s) early: %s", ended, "; ".join(reading.reasons))
-        elif state.manager.resident is not None and not state.manager.queue_depth:
+        # Still red after the prefix cache was given back: the newest request goes first.
+        why = "memory pressure: " + "; ".join(reading.reasons)
+        if state.manager.end_newest(why) is None and (
+            state.manager.resident is not None and not state.manager.queue_depth
+        ):
             # Nothing is running, so only the idle model itself can be given back.
             asyncio.get_running_loop().create_task(state.manager.unload())
 
-    monitor = PressureMonitor(state.gate, on_red, state.manager.poke)
+    monitor = PressureMonitor(state.gate, state.manager.view, on_red, state.manager.poke)
     state.monitor = monitor
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        # Enforce, not only predict: MLX refuses to grow past the budget (and on Metal, the
-        # wired limit keeps the model resident instead of paged out).
-        await engine.set_limits(state.gate.budget.limit, state.gate.budget.limit)
+        # MLX's limit is a ceiling above the budget (at the budget it throttles admitted work:
+        # see server.memory.mlx_memory_limit); on Metal the wired limit keeps the model resident.
+        await engine.set_limits(state.gate.mlx_limit, state.gate.budget.limit)
         monitor.start()
         if settings.preload:
             await state.manager.preload(state.registry.default)

@@ -27,7 +27,7 @@ from server.engine import Engine, GenerationRequest, SamplingParams
 from server.errors import BadRequest, ContextLengthExceeded
 from server.gate import MemoryGate, RequestNeed
 from server.logfmt import REQUEST_FIELD
-from server.manager import KeepAlive, ModelManager
+from server.manager import Flight, KeepAlive, ModelManager
 from server.observe import RequestRecord
 from server.parsers.forcing import BanTokens, PrefixForcer, ToolCallFormat, forced_prefix
 from server.parsers.hermes import HermesToolParser, ToolCallDelta
@@ -70,6 +70,7 @@ class Finish:
     reason: str
     usage: Usage
     stop_sequence: str | None = None  # the stop string that ended the output, if one did
+    detail: str | None = None  # why the server ended it early (memory pressure)
 
 
 @dataclass
@@ -129,6 +130,9 @@ class ChatRun:
         # Why the run was ended early, if it was: client_disconnected, shutdown, memory_pressure.
         self.cause: str | None = None
         self._logged = False
+        self.peak_bytes = 0  # MLX's peak while it ran (from the engine's final chunk)
+        self.tokens_generated = 0
+        self.ended_detail: str | None = None  # why the server ended it early, if it did
 
     def _log(self, finish: Finish) -> None:
         """One record per request at its end, cancelled or not: the log line, /metrics and the
@@ -158,6 +162,11 @@ class ChatRun:
             self.cause = cause
         self.request.cancel_reason = reason
         self.request.cancel.set()
+
+    def end_early(self, detail: str) -> None:
+        """The server ends it (memory pressure): ``finish_reason`` "length", ``detail`` why."""
+        self.ended_detail = detail
+        self.cancel("length", "memory_pressure")
 
     def on_close(self, callback: Any) -> None:
         """Run ``callback`` when the run is closed (however it ends)."""
@@ -218,6 +227,8 @@ class ChatRun:
                     break
                 if chunk.finish_reason is not None:
                     finish_reason = chunk.finish_reason
+                    self.peak_bytes = chunk.peak_bytes
+                    self.tokens_generated = chunk.completion_tokens
                     break
             if finish_reason == "cancelled":
                 finish_reason = "stop"
@@ -228,7 +239,7 @@ class ChatRun:
                     yield Delta(invalidated=[tools.incomplete_call])
                 if tools.call_count and finish_reason == "stop" and not tools.truncated:
                     finish_reason = "tool_calls"
-            finish = Finish(finish_reason, usage, stop_sequence)
+            finish = Finish(finish_reason, usage, stop_sequence, self.ended_detail)
             self._log(finish)
             yield finish
         except (GeneratorExit, asyncio.CancelledError):
@@ -269,6 +280,15 @@ class ChatService:
             run.cancel(reason, cause)
         return len(self.running)
 
+    def _observe(self, run: ChatRun, flight: Flight | None, beside: int) -> None:
+        """Online calibration: a sequence that ran alone compares its measured peak (less the
+        other chats' cached KV resident beside it) with its estimate."""
+        need = run.prepared.need
+        if self.gate is None or need is None or flight is None or not flight.alone:
+            return
+        if run.peak_bytes:
+            self.gate.observe(need, run.peak_bytes - beside, run.tokens_generated)
+
     async def start(
         self,
         request: ChatRequest,
@@ -283,7 +303,7 @@ class ChatService:
             self.gate.precheck(prepared.need)  # never fits: refuse now, not after queueing
         stack = contextlib.AsyncExitStack()
         try:
-            await stack.enter_async_context(
+            lease = await stack.enter_async_context(
                 self.manager.acquire(entry, need=prepared.need, keep_alive=prepared.keep_alive)
             )
         except BaseException:
@@ -292,6 +312,10 @@ class ChatService:
         run = ChatRun(prepared, self.engine, stack, self.observers)
         self.running.add(run)
         stack.callback(self.running.discard, run)
+        if lease.flight is not None:
+            lease.flight.stop = run.end_early  # the pressure policy ends runs through it
+        beside = self.gate.prefix_cache_bytes() if self.gate is not None else 0
+        stack.callback(self._observe, run, lease.flight, beside)  # before the lease ends
         return run
 
     async def prepare(

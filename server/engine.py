@@ -244,6 +244,17 @@ class MLXEngine:
     async def unload(self) -> None:
         await self._call(self._unload)
 
+    async def with_model(self, fn: Callable[[Any], T]) -> T:
+        """Run ``fn(model)`` on the MLX thread with the resident mlx-lm model, between two
+        batch steps (calibration's samples)."""
+
+        def run() -> T:
+            if self._model is None:
+                raise EngineFailure("no model is loaded")
+            return fn(self._model)
+
+        return await self._call(run)
+
     def _unload(self) -> None:
         import mlx.core as mx
 

@@ -21,18 +21,21 @@ and decode follow from ``config.json`` and from how mlx-lm 0.32 allocates them:
 
 The peak of a request is simulated phase by phase, the way ``mlx_lm.generate_step`` runs
 it: each prefill chunk (KV then allocated + that chunk's working memory), then decoding
-(the final KV + logits). Working memory was calibrated on this project's CPU machine
-against ``mx.get_peak_memory()`` (see `measure_request` and the constants below).
+(the final KV + logits). Working memory is `WorkingMemory`: measured on the running backend
+by :mod:`server.calibrate`, or, until then, the prior (`prior_working_memory`), which was
+fitted once on this project's CPU machine against ``mx.get_peak_memory()`` (see
+`measure_request` and the constants below).
 """
 
 from __future__ import annotations
 
 import gc
+import itertools
 import json
 import math
 import struct
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
 from typing import Any, Literal
@@ -579,6 +582,136 @@ def _make_caches(
     return groups
 
 
+# --------------------------------------------------------------------------- working memory
+
+
+@dataclass(frozen=True)
+class WorkingMemory:
+    """What prefill and decode hold beyond weights and KV cache, in bytes: the terms that
+    calibration (:mod:`server.calibrate`) measures on the running backend.
+
+    - Prefill: ``prefill_curves`` holds, per measured chunk size ``n`` (ascending), a curve of
+      ``(keys, work)`` points: what a chunk of ``n`` tokens holds while its attention reads
+      ``keys`` keys (the context so far plus the chunk). Work grows with ``n × keys`` where a
+      kernel materializes the score matrix, and not always linearly (a kernel may switch to
+      float32 scores for long keys, and on a GPU the old KV buffers of a growing cache stay
+      allocated until the stream finishes), so the curve is measured at several depths, up
+      to the deepest the budget allows, and read piecewise linearly: between points
+      interpolated, beyond the last following its last segment. Between chunk sizes the
+      work is interpolated linearly, below the smallest it is proportional.
+    - Decode: one sequence's step at context ``k`` holds ``decode_fixed + decode_per_key · k``,
+      plus ``sampling`` when it samples (top-p/top-k sort the vocabulary) rather than taking
+      the argmax. A batch of sequences holds the sum of theirs.
+
+    ``quantized_per_token_key`` is added per token × key once a ``kv_bits`` cache is quantized
+    (mlx-lm's quantized attention is written out in plain ops: it materializes the scores).
+    """
+
+    prefill_curves: tuple[tuple[int, tuple[tuple[int, float], ...]], ...]
+    decode_fixed: float
+    decode_per_key: float
+    sampling: float
+    quantized_per_token_key: float
+    source: str = "prior"  # "prior" (from the architecture), "measured", "learned"
+
+    def prefill(self, tokens: int, keys: int, quantized: bool = False) -> float:
+        """Working memory of one prefill chunk of ``tokens`` tokens reading ``keys`` keys."""
+        curves = self.prefill_curves
+        extra = self.quantized_per_token_key * tokens * keys if quantized else 0.0
+        n0, first = curves[0]
+        if tokens <= n0:
+            return _read_curve(first, keys) * tokens / n0 + extra
+        for (a, ca), (b, cb) in itertools.pairwise(curves):
+            if tokens <= b:
+                t = (tokens - a) / (b - a)
+                wa, wb = _read_curve(ca, keys), _read_curve(cb, keys)
+                return wa + (wb - wa) * t + extra
+        n1, last = curves[-1]
+        return _read_curve(last, keys) * tokens / n1 + extra
+
+    def decode(self, context: int, sampling: bool) -> float:
+        """Working memory of one sequence's decode step at ``context`` tokens."""
+        extra = self.sampling if sampling else 0.0
+        return self.decode_fixed + self.decode_per_key * context + extra
+
+    def raised(self, phase: str, factor: float) -> WorkingMemory:
+        """These terms with one phase's (``prefill`` or ``decode``) scaled up by ``factor``."""
+        if factor <= 1.0:
+            return self
+        if phase == "decode":
+            return replace(
+                self,
+                decode_fixed=self.decode_fixed * factor,
+                decode_per_key=self.decode_per_key * factor,
+                sampling=self.sampling * factor,
+                source="learned",
+            )
+        return replace(
+            self,
+            prefill_curves=tuple(
+                (n, tuple((k, w * factor) for k, w in curve)) for n, curve in self.prefill_curves
+            ),
+            quantized_per_token_key=self.quantized_per_token_key * factor,
+            source="learned",
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "prefill_curves": [[n, [list(p) for p in curve]] for n, curve in self.prefill_curves],
+            "decode_fixed": self.decode_fixed,
+            "decode_per_key": self.decode_per_key,
+            "sampling": self.sampling,
+            "quantized_per_token_key": self.quantized_per_token_key,
+            "source": self.source,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> WorkingMemory:
+        return cls(
+            prefill_curves=tuple(
+                (int(n), tuple((int(k), float(w)) for k, w in curve))
+                for n, curve in data["prefill_curves"]
+            ),
+            decode_fixed=float(data["decode_fixed"]),
+            decode_per_key=float(data["decode_per_key"]),
+            sampling=float(data["sampling"]),
+            quantized_per_token_key=float(data["quantized_per_token_key"]),
+            source=str(data.get("source", "measured")),
+        )
+
+
+def _read_curve(curve: tuple[tuple[int, float], ...], keys: int) -> float:
+    """A piecewise-linear curve at ``keys``: interpolated inside, its end segments outside
+    (never below 0); a one-point curve is flat."""
+    if len(curve) == 1:
+        return curve[0][1]
+    segments = list(itertools.pairwise(curve))
+    (k0, w0), (k1, w1) = segments[-1]
+    for a, b in segments:
+        if keys <= b[0]:
+            (k0, w0), (k1, w1) = a, b
+            break
+    return max(0.0, w0 + (w1 - w0) * (keys - k0) / (k1 - k0))
+
+
+def prior_working_memory(arch: Architecture, dtype_bytes: int, backend: Backend) -> WorkingMemory:
+    """The hand-written model of working memory (calibrated once on the CPU backend, see the
+    constants above): the estimate's terms until the running backend has measured its own."""
+    width = arch.hidden_size + arch.mlp_width + arch.attention_width
+    per_token = width * _activation_bytes(dtype_bytes)
+    scores = arch.num_heads * SCORE_COPIES * dtype_bytes + MASK_BYTES
+    slope = 0.0 if not _materializes_scores(backend, arch.head_dim, quantized=False) else scores
+    n = DEFAULT_PREFILL_CHUNK
+    curve = tuple((k, per_token * n + slope * n * k) for k in (n, 2 * n))
+    return WorkingMemory(
+        prefill_curves=((n, curve),),
+        decode_fixed=DECODE_LOGIT_ROWS * dtype_bytes * arch.vocab_size + per_token,
+        decode_per_key=arch.num_heads * 4.0,  # one float32 query row per head
+        sampling=SAMPLING_ROWS * 4.0 * arch.vocab_size,
+        quantized_per_token_key=scores,
+    )
+
+
 # --------------------------------------------------------------------------- estimate
 
 
@@ -653,6 +786,7 @@ def estimate_request(
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     quantized_kv_start: int = QUANTIZED_KV_START,
     sampling: bool = True,
+    working: WorkingMemory | None = None,
 ) -> Estimate:
     """Estimate the peak memory of generating ``max_tokens`` after ``prompt_tokens``.
 
@@ -660,7 +794,9 @@ def estimate_request(
     count as 0 unless given through `ModelProfile.from_config`). Generation is clipped at
     ``context_limit``. ``backend`` decides whether prompt attention materializes its
     scores; ``None`` asks the running MLX (see :mod:`server.backend`). ``sampling=False``
-    leaves out what top-p/top-k sampling sorts (greedy decoding).
+    leaves out what top-p/top-k sampling sorts (greedy decoding). ``working`` is the
+    calibrated working memory of this model on this backend; ``None`` uses the prior
+    (`prior_working_memory`).
     """
     profile = _profile(model)
     if prompt_tokens < 1:
@@ -673,6 +809,7 @@ def estimate_request(
         backend = running_backend()
     arch = profile.architecture
     b = profile.dtype_bytes
+    working = working or prior_working_memory(arch, b, backend)
     caches = _make_caches(arch, b, kv_bits, max_kv_size)
 
     prefill_peak = prefill_kv = kv_plus_prefill = quantize_peak = 0.0
@@ -680,7 +817,7 @@ def estimate_request(
     # first decode step.
     for chunk in _chunks(prompt_tokens - 1, prefill_chunk):
         keys = {id(c): c.update(chunk) for c in caches}
-        work = _prefill_work(arch, b, backend, chunk, caches, keys)
+        work = _prefill_work(working, chunk, caches, keys)
         transient = max(c.transient for c in caches)
         kv_now = sum(c.nbytes for c in caches)
         prefill_kv = max(prefill_kv, kv_now)
@@ -693,7 +830,7 @@ def estimate_request(
         prefill_peak = max(prefill_peak, work)
         kv_plus_prefill = max(kv_plus_prefill, held + work)
 
-    decode_work = _decode_work(arch, b, prompt_tokens + max_tokens, sampling)
+    decode_work = working.decode(prompt_tokens + max_tokens, sampling)
     final_tokens = prompt_tokens + max_tokens
     transient = 0.0
     for cache in caches:
@@ -771,39 +908,19 @@ def _kv_per_token(arch: Architecture, dtype_bytes: int, kv_bits: int | None) -> 
 
 
 def _prefill_work(
-    arch: Architecture,
-    dtype_bytes: int,
-    backend: Backend,
-    chunk: int,
-    caches: list[_CacheGroup],
-    keys: Mapping[int, int],
+    working: WorkingMemory, chunk: int, caches: list[_CacheGroup], keys: Mapping[int, int]
 ) -> float:
-    """Working memory of one prefill chunk: activations, plus the largest attention score
-    matrix where the kernel materializes it."""
-    width = arch.hidden_size + arch.mlp_width + arch.attention_width
-    work = chunk * width * _activation_bytes(dtype_bytes)
-    scores = 0.0
-    for cache in caches:
-        if cache.slot_bytes == 0:
-            continue
-        if _materializes_scores(backend, arch.head_dim, cache.quantized):
-            per_head = SCORE_COPIES * dtype_bytes + MASK_BYTES / arch.num_heads
-            scores = max(scores, arch.num_heads * chunk * keys[id(cache)] * per_head)
-    return work + scores
+    """Working memory of one prefill chunk: attention reads the most keys of any cache."""
+    attending = [c for c in caches if c.slot_bytes]
+    most = max((keys[id(c)] for c in attending), default=0)
+    quantized = any(c.quantized for c in attending)
+    return working.prefill(chunk, most, quantized)
 
 
 def _materializes_scores(backend: Backend, head_dim: int, quantized: bool) -> bool:
     if quantized:  # mlx-lm's quantized attention is written out in plain ops
         return True
     return not (backend == "metal" and head_dim in METAL_FUSED_PREFILL_HEAD_DIMS)
-
-
-def _decode_work(arch: Architecture, dtype_bytes: int, context: int, sampling: bool) -> float:
-    rows = DECODE_LOGIT_ROWS * dtype_bytes + (SAMPLING_ROWS * 4 if sampling else 0)
-    logits = rows * arch.vocab_size
-    scores = arch.num_heads * context * 4  # one query row per head
-    width = arch.hidden_size + arch.mlp_width + arch.attention_width
-    return logits + scores + width * _activation_bytes(dtype_bytes)
 
 
 def _activation_bytes(dtype_bytes: int) -> float:
@@ -831,13 +948,43 @@ def measure_request(
     """
     import mlx.core as mx
     from mlx_lm import load
-    from mlx_lm.generate import generate_step
 
     gc.collect()
     mx.clear_cache()
     mx.reset_peak_memory()
     model = load(str(model_dir))[0]
     vocab = Architecture.from_config(read_config(Path(model_dir))).vocab_size
+    peak = measure_loaded(
+        model, vocab, prompt_tokens, max_tokens, prefill_chunk=prefill_chunk,
+        kv_bits=kv_bits, max_kv_size=max_kv_size, reset=False,
+    )  # fmt: skip
+    del model
+    gc.collect()
+    mx.clear_cache()
+    return peak
+
+
+def measure_loaded(
+    model: Any,
+    vocab: int,
+    prompt_tokens: int,
+    max_tokens: int,
+    *,
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+    kv_bits: int | None = None,
+    max_kv_size: int | None = None,
+    reset: bool = True,
+) -> int:
+    """MLX's peak while a loaded mlx-lm ``model`` serves one greedy request as the engine
+    runs it (``generate_step``; weights included, as they are active). ``reset=False``
+    keeps the peak of what came before (the load, in `measure_request`)."""
+    import mlx.core as mx
+    from mlx_lm.generate import generate_step
+
+    if reset:
+        gc.collect()
+        mx.clear_cache()
+        mx.reset_peak_memory()
     # Spread ids over the vocabulary; which tokens they are does not change memory.
     prompt = mx.array([(i * 7919 + 100) % vocab for i in range(prompt_tokens)])
     steps = generate_step(
@@ -851,7 +998,7 @@ def measure_request(
     for _ in steps:
         pass
     peak = int(mx.get_peak_memory())
-    del model, steps
+    del steps, prompt
     gc.collect()
     mx.clear_cache()
     return peak

@@ -29,8 +29,8 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any, Protocol
@@ -68,6 +68,7 @@ class Lease:
     entry: ModelEntry
     path: Path
     loaded: LoadedModel
+    flight: Flight | None = None  # the sequence's place in the batch (None: preload)
 
 
 class Gate(Protocol):
@@ -81,10 +82,16 @@ class Gate(Protocol):
         """A model was loaded; returns the weights admission counts for it."""
         ...
 
+    async def calibrate(
+        self, entry: ModelEntry, path: Path, resident: Callable[[], Resident | None]
+    ) -> None:
+        """After a load, before admitting: measure (or reuse) the model's working memory."""
+        ...
+
     def unloaded(self, entry: ModelEntry) -> None: ...
 
 
-@dataclass(frozen=True)
+@dataclass
 class Flight:
     """One sequence admitted into the running batch and not finished."""
 
@@ -94,6 +101,9 @@ class Flight:
     prompt_tokens: int
     max_tokens: int
     since: float = field(default_factory=time.monotonic)
+    alone: bool = True  # no other sequence ran beside it (so MLX's peak is its own)
+    # Ends the sequence early with a reason for its client; set by whoever holds the lease.
+    stop: Callable[[str], None] | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -113,11 +123,19 @@ class Residency:
     def reserved(self) -> int:
         return sum(f.reserved for f in self.flights.values())
 
+    @property
+    def longest(self) -> int:
+        """The most tokens any running sequence may reach (the batch's cache is that long)."""
+        return max((f.prompt_tokens + f.max_tokens for f in self.flights.values()), default=0)
+
     def view(self, max_concurrency: int | None) -> Resident | None:
         """What :func:`server.admission.decide` sees of it."""
         if self.entry is None:
             return None
-        return Resident(self.entry.id, self.weights, self.active, self.reserved, max_concurrency)
+        return Resident(
+            self.entry.id, self.weights, self.active, self.reserved, max_concurrency,
+            self.longest,
+        )  # fmt: skip
 
 
 @dataclass(eq=False)
@@ -197,7 +215,7 @@ class ModelManager:
             "reserved": self.residency.reserved,
             "resident_weights": self.residency.weights,
             "sequences": [
-                {**asdict(f), "since": None, "running_s": round(now - f.since, 2)}
+                {**_public(f), "running_s": round(now - f.since, 2)}
                 for f in self.residency.flights.values()
             ],
             "queue": [
@@ -265,11 +283,28 @@ class ModelManager:
             waiter.future.cancel()
         self._pump()
 
+    def view(self) -> Resident | None:
+        """The resident model and its batch as admission sees them."""
+        entry = self.residency.entry
+        return self.residency.view(self.concurrency_of(entry) if entry else None)
+
+    def end_newest(self, reason: str) -> Flight | None:
+        """End the most recently admitted running sequence (memory pressure, after admission
+        stopped and the prefix cache was given back); ``reason`` goes to its client and the
+        log. ``None`` when nothing running can be ended."""
+        flights = [f for f in self.residency.flights.values() if f.stop is not None]
+        if not flights:
+            return None
+        newest = max(flights, key=lambda f: (f.since, f.id))
+        log.warning("ending the newest request early (flight %d): %s", newest.id, reason)
+        assert newest.stop is not None
+        newest.stop(reason)
+        newest.stop = None  # once
+        return newest
+
     def _decide(self, waiter: _Waiter) -> Decision:
         """The one decision: the gate's when there is one, else the same rules unbounded."""
-        resident = self.residency.view(
-            self.concurrency_of(self.residency.entry) if self.residency.entry else None
-        )
+        resident = self.view()
         if self.gate is not None:
             decision = self.gate.decide(waiter.entry, waiter.need, resident)
         else:
@@ -327,8 +362,14 @@ class ModelManager:
             next(self._ids), waiter.entry.id, decision.need,
             need.prompt_tokens if need else 0, need.max_tokens if need else 0,
         )  # fmt: skip
+        if residency.flights:
+            waiter.flight.alone = False
+            for flight in residency.flights.values():
+                flight.alone = False
         residency.flights[waiter.flight.id] = waiter.flight
-        waiter.future.set_result(Lease(residency.entry, residency.loaded.path, residency.loaded))
+        waiter.future.set_result(
+            Lease(residency.entry, residency.loaded.path, residency.loaded, waiter.flight)
+        )
 
     def poke(self) -> None:
         """Something outside changed (e.g. memory pressure cleared): look at the queue again."""
@@ -353,6 +394,8 @@ class ModelManager:
             info = await self.engine.load(path, prewarm=self.prewarm)
             weights = self.gate.loaded(target, info) if self.gate else info.active_bytes
             self.residency = Residency(target, info, weights)
+            if self.gate is not None:  # still switching: nothing joins until it returns
+                await self.gate.calibrate(target, path, self.view)
             self.states[target.id] = ModelState.READY
             self.swaps += 1
             log.info(
@@ -451,6 +494,11 @@ class ModelManager:
         if self._switching is not None:
             with contextlib.suppress(Exception):
                 await self._switching
+
+
+def _public(flight: Flight) -> dict[str, Any]:
+    """A flight's fields for /health (not its start time or its stop hook)."""
+    return {k: v for k, v in vars(flight).items() if k not in ("since", "stop")}
 
 
 def _entry_keep_alive(entry: ModelEntry, default: float | None) -> float | None:

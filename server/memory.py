@@ -29,6 +29,7 @@ Definitions used throughout (bytes unless stated):
 
 from __future__ import annotations
 
+import math
 import platform
 import re
 import subprocess
@@ -620,13 +621,17 @@ class MemoryBudget:
         own = snapshot.mlx.active + snapshot.mlx.cache if snapshot.mlx else 0
         return own + max(0, snapshot.used_by_others - self.others_allowance)
 
-    def headroom(self, snapshot: MemorySnapshot) -> int:
+    def headroom(self, snapshot: MemorySnapshot, margin: float = 0.0) -> int:
         """Bytes mlxd can allocate now: room left in its slice, and no more than the OS can
-        hand out without swapping (MLX's cached buffers count as free: MLX reuses them)."""
+        hand out without swapping (MLX's cached buffers count as free: MLX reuses them),
+        less ``margin`` (a fraction of the limit) that admission keeps spare so that its own
+        requests never make the pressure monitor act (see `PressureThresholds.spare_yellow`).
+        """
         active = snapshot.mlx.active if snapshot.mlx else 0
         cache = snapshot.mlx.cache if snapshot.mlx else 0
         in_slice = self.limit - active - max(0, snapshot.used_by_others - self.others_allowance)
-        return max(0, min(in_slice, snapshot.available + cache))
+        machine = snapshot.available + cache - math.ceil(margin * self.limit)
+        return max(0, min(in_slice, machine))
 
 
 def compute_budget(
@@ -655,6 +660,30 @@ def compute_budget(
     return MemoryBudget(limit, snapshot.total, reserve, basis)
 
 
+CEILING_SHARE = 0.95  # of what the machine can give this process: MLX's memory limit
+CEILING_OVER_BUDGET = 1.10  # the MLX limit is never closer to the budget than this
+
+
+def mlx_memory_limit(budget: MemoryBudget, snapshot: MemorySnapshot) -> int:
+    """MLX's memory limit: a ceiling against runaway allocation, not the budget.
+
+    When MLX's active memory is over its limit, every evaluation commits what it has
+    encoded and waits for the GPU to finish a command buffer before it encodes more, and
+    keeps waiting while it stays over (``eval_impl`` in mlx/transforms.cpp): the GPU runs in
+    tiny serialized steps with a host round trip between them. A limit at the budget slowed
+    every request whose real peak went past it (measured on an H200, where the estimate was
+    low: a 2,872-token prefill took 55.8 s instead of 0.25 s). Admission keeps requests
+    inside the budget; the limit sits above it, at 95 % of what the machine can give this
+    process (free memory plus what MLX already holds), and never closer to the budget than
+    10 %, so only allocation that nothing admitted is throttled, and the pressure monitor
+    ends it.
+    """
+    own = snapshot.mlx.active + snapshot.mlx.cache if snapshot.mlx else 0
+    machine = min(snapshot.total, snapshot.available + own)
+    ceiling = max(int(budget.limit * CEILING_OVER_BUDGET), int(machine * CEILING_SHARE))
+    return min(ceiling, max(snapshot.physical_total, budget.limit))
+
+
 # --------------------------------------------------------------------------- pressure
 
 
@@ -671,9 +700,19 @@ MACOS_PRESSURE_CRITICAL = 4
 
 @dataclass(frozen=True)
 class PressureThresholds:
-    yellow: float = 0.70  # fraction of the budget in use (`MemoryBudget.in_use`)
-    red: float = 0.85
-    swap_growth_red: int = 2 * GIB  # new swap since the server started
+    """When the pressure monitor acts; fractions are of the budget (README's table).
+
+    "spare" is what the machine can still give (free memory plus MLX's reusable cache) less
+    what admitted requests counted on and have not allocated yet. mlxd's own requests cannot
+    lower it: admission keeps ``spare_yellow`` of it free, and as a request allocates what it
+    counted, free memory and what it still needs fall together.
+    """
+
+    spare_yellow: float = 0.05  # spare below this: stop admitting
+    spare_red: float = 0.0  # spare below this: the machine cannot give what was promised
+    overshoot_yellow: float = 0.02  # MLX holds this much more than admission counted
+    swap_growth_yellow: float = 0.02  # new swap since the server started
+    swap_growth_red: float = 0.10
     psi_some_yellow: float = 10.0  # % of the last 10 s some task stalled on memory
     psi_some_red: float = 40.0
     psi_full_red: float = 10.0  # % of the last 10 s all non-idle tasks stalled on memory
@@ -686,6 +725,8 @@ class PressureReading:
     fraction: float  # in_use / budget.limit
     swap_growth: int
     reasons: tuple[str, ...]  # why the level is not green, one phrase per signal
+    spare: int = 0  # see PressureThresholds
+    overshoot: int = 0  # MLX active memory beyond what admission counted
 
 
 def assess_pressure(
@@ -693,19 +734,37 @@ def assess_pressure(
     budget: MemoryBudget,
     swap_baseline: int,
     thresholds: PressureThresholds | None = None,
+    counted: int | None = None,
 ) -> PressureReading:
-    """Green / yellow / red: the worst of the budget in use, the OS's own pressure signal
-    (macOS level, Linux PSI) and swap growth since ``swap_baseline`` (``swap_used`` at
-    start)."""
-    thresholds = thresholds or PressureThresholds()
-    signals: list[tuple[PressureLevel, str]] = []
+    """Green / yellow / red from what admission cannot see: other programs taking memory
+    (spare), MLX holding more than the estimates counted (overshoot, red beyond the budget),
+    the OS's own signal (macOS level, Linux PSI) and swap growth since ``swap_baseline``.
 
-    in_use = budget.in_use(snapshot)
-    fraction = in_use / budget.limit
-    if fraction >= thresholds.red:
-        signals.append((PressureLevel.RED, f"budget {fraction:.0%} in use"))
-    elif fraction >= thresholds.yellow:
-        signals.append((PressureLevel.YELLOW, f"budget {fraction:.0%} in use"))
+    ``counted`` is what admission counted for mlxd: resident weights, the reservations of
+    running requests and the prefix cache (``None``: exactly what MLX holds now).
+    """
+    t = thresholds or PressureThresholds()
+    limit = budget.limit
+    signals: list[tuple[PressureLevel, str]] = []
+    active = snapshot.mlx.active if snapshot.mlx else 0
+    cache = snapshot.mlx.cache if snapshot.mlx else 0
+    counted = active if counted is None else counted
+
+    spare = snapshot.available + cache - max(0, counted - active)
+    if spare < t.spare_red * limit:
+        signals.append(
+            (PressureLevel.RED, f"{format_size(-spare)} short of what admitted requests need")
+        )
+    elif spare < t.spare_yellow * limit:
+        signals.append((PressureLevel.YELLOW, f"only {format_size(spare)} spare"))
+
+    overshoot = max(0, active - counted)
+    if active > limit:
+        signals.append((PressureLevel.RED, f"MLX holds {format_size(active)}, over the budget"))
+    elif overshoot > t.overshoot_yellow * limit:
+        signals.append(
+            (PressureLevel.YELLOW, f"MLX holds {format_size(overshoot)} beyond the estimates")
+        )
 
     level = snapshot.os_pressure.macos_level
     if level is not None and level >= MACOS_PRESSURE_CRITICAL:
@@ -715,24 +774,29 @@ def assess_pressure(
 
     full = snapshot.os_pressure.psi_full_avg10
     some = snapshot.os_pressure.psi_some_avg10
-    if full is not None and full >= thresholds.psi_full_red:
+    if full is not None and full >= t.psi_full_red:
         signals.append((PressureLevel.RED, f"PSI full avg10 {full:.1f}%"))
-    elif some is not None and some >= thresholds.psi_some_red:
+    elif some is not None and some >= t.psi_some_red:
         signals.append((PressureLevel.RED, f"PSI some avg10 {some:.1f}%"))
-    elif some is not None and some >= thresholds.psi_some_yellow:
+    elif some is not None and some >= t.psi_some_yellow:
         signals.append((PressureLevel.YELLOW, f"PSI some avg10 {some:.1f}%"))
 
     swap_growth = max(0, snapshot.swap_used - swap_baseline)
-    if swap_growth > thresholds.swap_growth_red:
+    if swap_growth > t.swap_growth_red * limit:
         signals.append((PressureLevel.RED, f"swap grew {format_size(swap_growth)}"))
+    elif swap_growth > t.swap_growth_yellow * limit:
+        signals.append((PressureLevel.YELLOW, f"swap grew {format_size(swap_growth)}"))
 
     worst = max(
         (lvl for lvl, _ in signals), key=_LEVEL_ORDER.__getitem__, default=PressureLevel.GREEN
     )
+    in_use = budget.in_use(snapshot)
     return PressureReading(
         level=worst,
         in_use=in_use,
-        fraction=fraction,
+        fraction=in_use / limit,
         swap_growth=swap_growth,
         reasons=tuple(reason for _, reason in signals),
+        spare=spare,
+        overshoot=overshoot,
     )

@@ -52,8 +52,12 @@ class ChunkWriter:
         self._prefix = head[:-1] + ',"choices":['
         self._head = head
 
-    def choice(self, delta: dict[str, Any], finish_reason: str | None = None) -> str:
+    def choice(
+        self, delta: dict[str, Any], finish_reason: str | None = None, detail: str | None = None
+    ) -> str:
         body = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        if detail:
+            body["finish_detail"] = detail  # why the server ended it early
         return self._prefix + dumps(body) + "]}"
 
     def content(self, text: str) -> str:
@@ -84,7 +88,7 @@ async def sse_events(run: ChatRun, include_usage: bool) -> AsyncIterator[str]:
         yield writer.choice({"role": "assistant", "content": ""})
         async for event in run.events():
             if isinstance(event, Finish):
-                yield writer.choice({}, event.reason)
+                yield writer.choice({}, event.reason, event.detail)
                 if include_usage:
                     yield writer.usage(event)
             else:
@@ -114,14 +118,17 @@ async def completion(run: ChatRun) -> dict[str, Any]:
     if folded.reasoning:
         message["reasoning_content"] = folded.reasoning
     finish = folded.finish
+    choice: dict[str, Any] = {
+        "index": 0, "message": message, "logprobs": None, "finish_reason": finish.reason
+    }  # fmt: skip
+    if finish.detail:
+        choice["finish_detail"] = finish.detail  # why the server ended it early
     return {
         "id": run.id,
         "object": "chat.completion",
         "created": run.created,
         "model": run.model,
         "system_fingerprint": SYSTEM_FINGERPRINT,
-        "choices": [
-            {"index": 0, "message": message, "logprobs": None, "finish_reason": finish.reason}
-        ],
+        "choices": [choice],
         "usage": _usage(finish),
     }

@@ -214,3 +214,56 @@ def test_hint_from_a_real_estimate_fits_when_retried() -> None:
     assert decide(retried, State(budget, budget)).kind is DecisionKind.SWAP
     one_more = replace(asked, request=request_for(fit + 1), max_tokens=fit + 1)
     assert decide(one_more, State(budget, budget)).reason is Reason.INSUFFICIENT_MEMORY
+
+
+KV = 100_000  # cache bytes per token of the batch tests below
+
+
+@pytest.mark.parametrize(
+    ("running", "longest", "own", "padding"),
+    [
+        pytest.param(0, 0, 1000, 0, id="alone-no-padding"),
+        pytest.param(2, 4000, 1000, 3000 * KV, id="short-joiner-padded-to-the-batch"),
+        pytest.param(2, 1000, 4000, 2 * 3000 * KV, id="long-joiner-pads-every-running-one"),
+        pytest.param(3, 2000, 2000, 0, id="same-length"),
+    ],
+)  # fmt: skip
+def test_a_joining_sequence_pays_for_the_batch_cache_padding(
+    running: int, longest: int, own: int, padding: int
+) -> None:
+    """mlx-lm's batch cache holds every sequence at the longest one's length."""
+    need = Need("m", GIB, 500 * MIB, own - 10, 10, kv_per_token=KV)
+    resident = Resident("m", GIB, active=running, reserved=running * GIB, longest=longest)
+    decision = decide(need, State(100 * GIB, 100 * GIB, resident))
+    assert decision.kind is DecisionKind.JOIN
+    assert decision.need == 500 * MIB + padding  # what the flight reserves
+    # The padding can be what does not fit: just enough room for the request alone waits.
+    tight = State(GIB + running * GIB + 500 * MIB, 100 * GIB, resident)
+    expected = DecisionKind.WAIT if padding else DecisionKind.JOIN
+    assert decide(need, tight).kind is expected
+
+
+def test_calibrated_working_memory_changes_the_decision() -> None:
+    """The estimate decide() sees is the calibrated one: a request the prior lets join waits
+    once calibration measured more working memory than the prior assumed."""
+    from server.estimate import WorkingMemory, prior_working_memory
+
+    cfg = json.loads(
+        (Path(__file__).parents[1] / "fixtures" / "configs" / "qwen3-8b.json").read_text()
+    )
+    profile = ModelProfile.from_config(cfg, weights=4_600_000_000, dtype_bytes=2)
+    prior = prior_working_memory(profile.architecture, 2, "cuda")
+    measured = WorkingMemory(
+        prefill_curves=((2048, ((2048, 1.0 * GIB), (8192, 2.5 * GIB))),),
+        decode_fixed=prior.decode_fixed, decode_per_key=prior.decode_per_key,
+        sampling=prior.sampling, quantized_per_token_key=0.0, source="measured",
+    )  # fmt: skip
+
+    def need(working: WorkingMemory | None) -> Need:
+        e = estimate_request(profile, 8000, 16, backend="cuda", working=working)
+        return Need("m", e.weights, e.request, 8000, 16, kv_per_token=e.kv_per_token)
+
+    resident = Resident("m", profile.weights, active=1, reserved=GIB, longest=8016)
+    state = State(profile.weights + GIB + 3 * GIB, 100 * GIB, resident)
+    assert decide(need(None), state).kind is DecisionKind.JOIN
+    assert decide(need(measured), state).kind is DecisionKind.WAIT

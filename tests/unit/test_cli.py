@@ -96,9 +96,10 @@ def test_bad_config_is_a_clear_error(capsys: pytest.CaptureFixture[str], tmp_pat
 
 def test_banner_names_model_backend_budget_and_url(tmp_path: Path) -> None:
     settings = Settings(home=tmp_path, port=8123, memory_budget="6GB")
-    text = banner(settings, "smollm2", tmp_path)
+    text = banner(settings, "smollm2", tmp_path, "using prior until measured after the load")
     assert "smollm2" in text and "http://127.0.0.1:8123/v1" in text
-    assert "status   http://127.0.0.1:8123/  (metrics: /metrics)" in text
+    assert "status       http://127.0.0.1:8123/  (metrics: /metrics)" in text
+    assert "calibration  using prior until measured after the load" in text
     assert "budget 6.00 GiB  (--memory-budget 6.00 GiB)" in text  # GB is read as GiB
     backend_line = next(line for line in text.splitlines() if "backend" in line)
     assert "mlx 0.32" in backend_line

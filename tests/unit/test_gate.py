@@ -14,7 +14,7 @@ from server.admission import DecisionKind, Need, Resident
 from server.config import ModelEntry, PathSource
 from server.engine import LoadedModel
 from server.errors import InsufficientMemory
-from server.gate import MemoryGate, RequestNeed
+from server.gate import Action, MemoryGate, PressureMonitor, RequestNeed, respond
 from server.memory import MemoryBudget, MemorySnapshot, MlxMemory, PressureLevel, PressureReading
 from tests.fakes import FakeEngine
 
@@ -35,8 +35,9 @@ async def test_red_pressure_ends_running_request_with_length(make_client: Client
     client = make_client(engine)
     state = app_state(client)
     assert state.monitor is not None
-    # Three words in, the machine runs short of memory.
-    engine.on_piece = lambda i: state.monitor.step(RED) if i == 3 else None
+    # One word in, the machine runs short of memory: admission stops and the prefix cache
+    # goes; two words later it is still red, so the (newest) running request is ended.
+    engine.on_piece = lambda i: state.monitor.step(RED) if i in (1, 3) else None
     for stream in (True, False):
         r = await client.post(
             "/v1/chat/completions", json={"model": "alpha", "messages": USER, "stream": stream}
@@ -44,12 +45,13 @@ async def test_red_pressure_ends_running_request_with_length(make_client: Client
         if stream:
             payloads = [json.loads(line[6:]) for line in r.text.splitlines()
                         if line.startswith("data: {")]  # fmt: skip
-            reason = payloads[-1]["choices"][0]["finish_reason"]
+            last = payloads[-1]["choices"][0]
             text = "".join(p["choices"][0]["delta"].get("content", "") for p in payloads)
         else:
-            reason = r.json()["choices"][0]["finish_reason"]
-            text = r.json()["choices"][0]["message"]["content"]
-        assert reason == "length"
+            last = r.json()["choices"][0]
+            text = last["message"]["content"]
+        assert last["finish_reason"] == "length"
+        assert last["finish_detail"] == "memory pressure: swap grew by 3.00 GiB"
         assert text.split() == ["word"] * 3  # ended early, not run to the end
         state.monitor.step(GREEN)
 
@@ -145,3 +147,64 @@ def test_gate_refuses_what_never_fits_before_queueing() -> None:
         gate.precheck(need)
     assert "2.00 GiB of weights" in info.value.message
     assert "memory budget of 1.00 GiB" in info.value.message
+
+
+# --------------------------------------------------------------------------- the one policy
+
+
+@pytest.mark.parametrize(
+    ("level", "paused", "streak", "action"),
+    [
+        pytest.param(PressureLevel.GREEN, False, 0, Action.NONE, id="green"),
+        pytest.param(PressureLevel.GREEN, True, 0, Action.RESUME, id="green-again-resumes"),
+        pytest.param(PressureLevel.YELLOW, False, 0, Action.PAUSE, id="yellow-stops-admitting"),
+        pytest.param(PressureLevel.YELLOW, True, 0, Action.PAUSE, id="yellow-stays-paused"),
+        pytest.param(PressureLevel.RED, False, 1, Action.EVICT, id="red-first-evicts"),
+        pytest.param(PressureLevel.RED, True, 2, Action.END_NEWEST, id="still-red-ends-newest"),
+        pytest.param(PressureLevel.RED, True, 5, Action.END_NEWEST, id="one-more-per-reading"),
+    ],
+)
+def test_pressure_policy(level: PressureLevel, paused: bool, streak: int, action: Action) -> None:
+    assert respond(level, paused, streak) is action
+
+
+@pytest.mark.parametrize(
+    ("name", "available", "mlx_active", "others_take", "actions"),
+    [
+        # Admitted work uses all it counted (weights 6 + reserved 3.5 of a 10 GiB budget):
+        # the machine is full of mlxd's own, counted memory, and nothing is done about it.
+        pytest.param("counted", 12 << 30, (19 << 29), 0, ["none", "none", "none"],
+                     id="own-counted-memory-is-never-pressure"),
+        # Another program takes 9 GiB, 0.5 more than the running request left: stop
+        # admitting and evict the prefix cache first, end the newest only if still red.
+        pytest.param("others", 12 << 30, 6 << 30, 9 << 30, ["evict", "end_newest", "end_newest"],
+                     id="outside-pressure-in-order"),
+    ],
+)  # fmt: skip
+def test_monitor_acts_only_on_what_admission_cannot_see(
+    name: str, available: int, mlx_active: int, others_take: int, actions: list[str]
+) -> None:
+    budget = MemoryBudget(limit=10 << 30, total=16 << 30, reserve=0.22, basis="test")
+    evicted: list[int] = []
+    gate = MemoryGate(
+        budget,
+        snapshot=lambda: _snapshot(available - others_take - (mlx_active - (6 << 30)), mlx_active),
+        evict_prefix_cache=lambda: evicted.append(1),
+    )
+    entry = _entry("m")
+    weights = gate.loaded(entry, LoadedModel(Path("/x"), {}, 0.0, 0, 6 << 30))
+    need = RequestNeed(Need("m", weights=6 << 30, request=7 << 29, prompt_tokens=10,
+                            max_tokens=10), entry)  # fmt: skip
+    gate._snapshot = lambda: _snapshot(available, 6 << 30)  # admitted on a quiet machine
+    decision = gate.decide(entry, need, Resident("m", weights))
+    assert decision.kind is DecisionKind.JOIN
+    running = Resident("m", weights, active=1, reserved=decision.need)  # the manager's record
+    gate._snapshot = lambda: _snapshot(  # then it runs (and maybe others take memory)
+        available - others_take - (mlx_active - (6 << 30)), mlx_active
+    )
+    ended: list[PressureReading] = []
+    monitor = PressureMonitor(gate, lambda: running, ended.append, lambda: None)
+    got = [monitor.step(gate.poll(running)).value for _ in actions]
+    assert got == actions
+    assert len(ended) == actions.count("end_newest")
+    assert len(evicted) == actions.count("evict")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -156,6 +157,11 @@ class BudgetGate:
     def loaded(self, entry: ModelEntry, info: LoadedModel) -> int:
         return GIB
 
+    async def calibrate(
+        self, entry: ModelEntry, path: Path, resident: Callable[[], Resident | None]
+    ) -> None:
+        pass
+
     def unloaded(self, entry: ModelEntry) -> None:
         pass
 
@@ -216,3 +222,23 @@ async def test_nothing_joins_a_batch_that_drains_for_a_swap(
     await asyncio.gather(first, beta, late)
     assert log.index("end:a1") < log.index("start:b") < log.index("start:a2")
     assert engine.events == ["load:alpha", "unload:alpha", "load:beta", "unload:beta", "load:alpha"]
+
+
+async def test_pressure_ends_the_newest_flight_once_and_tracks_who_ran_alone(
+    tiny_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    manager, registry = make(tiny_dirs, tmp_path, FakeEngine())
+    entry = registry.get("alpha")
+    stopped: list[tuple[str, str]] = []
+    async with manager.acquire(entry) as first:
+        assert first.flight is not None and first.flight.alone
+        first.flight.stop = lambda why: stopped.append(("first", why))
+        async with manager.acquire(entry) as second:
+            assert second.flight is not None
+            second.flight.stop = lambda why: stopped.append(("second", why))
+            assert not first.flight.alone and not second.flight.alone  # a batch of two
+            assert manager.end_newest("memory pressure: swap grew") is second.flight
+            assert stopped == [("second", "memory pressure: swap grew")]
+            assert manager.end_newest("again") is first.flight  # the next reading: the next
+            assert manager.end_newest("again") is None  # nothing left to end
+    assert manager.end_newest("idle") is None

@@ -4,6 +4,7 @@ PSI, CUDA device info), the budget, and the pressure levels."""
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from server.memory import (
     format_size,
     linux_snapshot,
     macos_snapshot,
+    mlx_memory_limit,
     parse_cgroup_limit,
     parse_device_info,
     parse_meminfo,
@@ -614,69 +616,111 @@ def test_budget_in_use_and_headroom(snap: MemorySnapshot, in_use: int, headroom:
 # --------------------------------------------------------------------------- pressure
 
 
+# Budget 12 GiB: 5 % = 614 MiB (spare, yellow), 2 % = 246 MiB (overshoot, swap yellow),
+# 10 % = 1.2 GiB (swap red). ``counted`` is what admission counted for mlxd.
 @pytest.mark.parametrize(
-    ("snap", "level", "reason"),
+    ("snap", "counted", "level", "reason"),
     [
-        pytest.param(snapshot(available=13 * GIB), PressureLevel.GREEN, None, id="green"),
+        pytest.param(snapshot(available=13 * GIB), None, PressureLevel.GREEN, None, id="idle"),
         pytest.param(
-            snapshot(available=7 * GIB, mlx=MlxMemory(active=8 * GIB, cache=GIB // 2)),
-            PressureLevel.YELLOW,
-            "budget 71% in use",
-            id="yellow-at-70pct",
+            # Admitted work near the budget, all of it counted: never pressure by itself.
+            snapshot(available=3 * GIB, mlx=MlxMemory(active=11 * GIB, cache=GIB // 2)),
+            11 * GIB + GIB // 2,
+            PressureLevel.GREEN,
+            None,
+            id="own-counted-work-at-92pct-is-green",
         ),
         pytest.param(
-            # MLX alone holds 10 GiB (83 %); others hold 5 GiB, 1 beyond their allowance.
-            snapshot(available=GIB, mlx=MlxMemory(active=9 * GIB, cache=GIB)),
+            # 1 GiB free, but running requests counted on 1.5 GiB more than MLX holds yet.
+            snapshot(available=GIB, mlx=MlxMemory(active=8 * GIB, cache=0)),
+            8 * GIB + 3 * GIB // 2,
             PressureLevel.RED,
-            "budget 92% in use",
-            id="red-others-eat-into-budget",
+            "512.00 MiB short of what admitted requests need",
+            id="red-others-took-what-was-promised",
+        ),
+        pytest.param(
+            snapshot(available=GIB // 2, mlx=MlxMemory(active=8 * GIB, cache=0)),
+            8 * GIB,
+            PressureLevel.YELLOW,
+            "only 512.00 MiB spare",
+            id="yellow-little-spare",
+        ),
+        pytest.param(
+            snapshot(available=3 * GIB, mlx=MlxMemory(active=9 * GIB, cache=0)),
+            8 * GIB,
+            PressureLevel.YELLOW,
+            "MLX holds 1.00 GiB beyond the estimates",
+            id="yellow-overshoot-of-estimates",
+        ),
+        pytest.param(
+            snapshot(available=3 * GIB, mlx=MlxMemory(active=12 * GIB + 1, cache=0)),
+            11 * GIB,
+            PressureLevel.RED,
+            "MLX holds 12.00 GiB, over the budget",
+            id="red-overshoot-past-the-budget",
         ),
         pytest.param(
             snapshot(pressure=OsPressure(macos_level=2)),
+            None,
             PressureLevel.YELLOW,
             "macOS memory pressure warn",
             id="macos-warn",
         ),
         pytest.param(
             snapshot(pressure=OsPressure(macos_level=4)),
+            None,
             PressureLevel.RED,
             "macOS memory pressure critical",
             id="macos-critical",
         ),
         pytest.param(
             snapshot(pressure=OsPressure(psi_some_avg10=12.5, psi_full_avg10=1.2)),
+            None,
             PressureLevel.YELLOW,
             "PSI some avg10 12.5%",
             id="psi-some-yellow",
         ),
         pytest.param(
             snapshot(pressure=OsPressure(psi_some_avg10=45.0, psi_full_avg10=2.0)),
+            None,
             PressureLevel.RED,
             "PSI some avg10 45.0%",
             id="psi-some-red",
         ),
         pytest.param(
             snapshot(pressure=OsPressure(psi_some_avg10=45.0, psi_full_avg10=15.25)),
+            None,
             PressureLevel.RED,
             "PSI full avg10 15.2%",
             id="psi-full-red",
         ),
         pytest.param(
-            snapshot(swap_used=GIB + 2 * GIB + 1),
-            PressureLevel.RED,
-            "swap grew 2.00 GiB",
-            id="swap-grew-over-2gib",
+            snapshot(swap_used=GIB + GIB // 2),
+            None,
+            PressureLevel.YELLOW,
+            "swap grew 512.00 MiB",
+            id="swap-grew-over-2pct",
         ),
         pytest.param(
             snapshot(swap_used=GIB + 2 * GIB),
+            None,
+            PressureLevel.RED,
+            "swap grew 2.00 GiB",
+            id="swap-grew-over-10pct",
+        ),
+        pytest.param(
+            snapshot(swap_used=GIB + 200 * 1024**2),
+            None,
             PressureLevel.GREEN,
             None,
-            id="swap-grew-2gib-exactly",
+            id="swap-grew-under-2pct",
         ),
     ],
 )
-def test_assess_pressure(snap: MemorySnapshot, level: PressureLevel, reason: str | None) -> None:
-    reading = assess_pressure(snap, BUDGET, swap_baseline=GIB)
+def test_assess_pressure(
+    snap: MemorySnapshot, counted: int | None, level: PressureLevel, reason: str | None
+) -> None:
+    reading = assess_pressure(snap, BUDGET, swap_baseline=GIB, counted=counted)
     assert reading.level is level
     if reason is None:
         assert reading.reasons == ()
@@ -686,10 +730,38 @@ def test_assess_pressure(snap: MemorySnapshot, level: PressureLevel, reason: str
 
 
 def test_assess_pressure_thresholds_are_configurable() -> None:
-    snap = snapshot(available=10 * GIB, mlx=MlxMemory(active=6 * GIB, cache=0))  # 50 %
+    snap = snapshot(available=GIB, mlx=MlxMemory(active=6 * GIB, cache=0))
     assert assess_pressure(snap, BUDGET, 0).level is PressureLevel.GREEN
-    strict = PressureThresholds(yellow=0.4, red=0.5)
-    assert assess_pressure(snap, BUDGET, 0, strict).level is PressureLevel.RED
+    strict = PressureThresholds(spare_yellow=0.1)
+    assert assess_pressure(snap, BUDGET, 0, strict).level is PressureLevel.YELLOW
+
+
+def test_admission_keeps_the_spare_margin() -> None:
+    # What admission lets in leaves at least the yellow margin spare, so its own requests
+    # cannot turn the monitor yellow.
+    snap = snapshot(available=4 * GIB, mlx=MlxMemory(active=6 * GIB, cache=0))
+    margin = PressureThresholds().spare_yellow
+    room = BUDGET.headroom(snap, margin)
+    assert room == 4 * GIB - math.ceil(margin * BUDGET.limit)
+    after = snapshot(available=4 * GIB, mlx=MlxMemory(active=6 * GIB, cache=0))
+    reading = assess_pressure(after, BUDGET, 0, counted=6 * GIB + room)
+    assert reading.level is PressureLevel.GREEN
+
+
+@pytest.mark.parametrize(
+    ("snap", "expected"),
+    [
+        # A 141 GiB GPU with a 9 GiB budget: the ceiling is 95 % of the device, far above.
+        pytest.param(snapshot(total=141 * GIB, available=140 * GIB), int(140 * GIB * 0.95),
+                     id="big-device-small-budget"),
+        # Little free memory: never closer to the budget than 10 %.
+        pytest.param(snapshot(available=5 * GIB), int(12 * GIB * 1.1), id="floor-above-budget"),
+    ],
+)  # fmt: skip
+def test_mlx_limit_is_a_ceiling_above_the_budget(snap: MemorySnapshot, expected: int) -> None:
+    budget = MemoryBudget(limit=12 * GIB, total=snap.total, reserve=0.25, basis="test")
+    assert mlx_memory_limit(budget, snap) == expected
+    assert mlx_memory_limit(budget, snap) > budget.limit
 
 
 def test_recorded_linux_pressure_levels() -> None:
