@@ -62,6 +62,8 @@ class GenerationRequest:
     cancel: threading.Event = field(default_factory=threading.Event)
     # Why the caller cancelled, reported as the finish reason.
     cancel_reason: str = "cancelled"
+    # Report each token's logprob and this many top alternatives (0: none); None: no logprobs.
+    logprobs: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +76,8 @@ class GenerationChunk:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
+    logprob: float | None = None  # when the request asked for logprobs
+    top_logprobs: list[tuple[int, float]] | None = None  # (token, logprob), most likely first
 
 
 @dataclass(frozen=True)
@@ -341,8 +345,9 @@ class MLXEngine:
                 logits_processors=processors or None, prompt_cache=cache,
                 prefill_step_size=req.prefill_step_size, kv_bits=req.kv_bits,
             )  # fmt: skip
-            for step, _ in steps:
+            for step, logprobs in steps:
                 token = int(step)  # generate_step yields Python ints (via .item())
+                picked = token_logprobs(logprobs, token, req.logprobs)
                 generated.append(token)
                 self.tokens_generated += 1
                 if token in eos:
@@ -354,8 +359,9 @@ class MLXEngine:
                     detok.finalize()
                     finish = "length"
                 chunk = GenerationChunk(
-                    detok.last_segment, token, finish, n_prompt, len(generated), hit.reused
-                )
+                    detok.last_segment, token, finish, n_prompt, len(generated), hit.reused,
+                    *picked,
+                )  # fmt: skip
                 emit(chunk)
                 if last:
                     break
@@ -386,6 +392,24 @@ class MLXEngine:
         if isinstance(offset, int) and offset < len(tokens):
             tokens = tokens[:offset]
         self.prefix_cache.put(tokens, cache, req.max_kv_size, req.kv_bits)
+
+
+def token_logprobs(
+    logprobs: Any, token: int, top: int | None
+) -> tuple[float | None, list[tuple[int, float]] | None]:
+    """`token`'s logprob and the `top` most likely (token, logprob) pairs; Nones if not asked."""
+    if top is None:
+        return None, None
+    import mlx.core as mx
+
+    if top <= 0:
+        return float(logprobs[token].item()), None
+    ids = mx.argpartition(-logprobs, kth=top - 1)[:top]
+    values = logprobs[ids]
+    order = mx.argsort(-values)
+    ids, values = ids[order], values[order]
+    pairs: list[tuple[int, float]] = list(zip(ids.tolist(), values.tolist(), strict=True))  # type: ignore[arg-type]
+    return float(logprobs[token].item()), pairs
 
 
 def _set_result(future: asyncio.Future[Any], value: Any) -> None:
