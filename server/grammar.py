@@ -85,6 +85,11 @@ def compile_grammar(tokenizer: Any, lark: str, param: str) -> str:
     """
     import llguidance
 
+    llg = llg_tokenizer(tokenizer)
+    for tag in ("<tool_call>", "</tool_call>"):  # tags that are special tokens are matched by id
+        ids = tokenizer.encode(tag, add_special_tokens=False)
+        if len(ids) == 1 and llg.is_special_token(ids[0]):
+            lark = lark.replace(lark_literal(tag), f"<[{ids[0]}]>")
     grammar = llguidance.LLMatcher.grammar_from_lark(lark)
     is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(
         grammar, llg_tokenizer(tokenizer)
@@ -175,6 +180,7 @@ class GrammarProcessor:
         import llguidance
 
         self._llg = llg_tokenizer(tokenizer)
+        self._decode = tokenizer.decode  # text of special tokens too (llguidance hides it)
         self._budget = budget
         self._generated = 0
         self._json = _JsonDepth()
@@ -246,7 +252,7 @@ class GrammarProcessor:
 
     def _watch(self, token: int) -> None:
         assert self._trigger is not None
-        self._tail += self._llg.decode_bytes([token])
+        self._tail += self._decode([token]).encode()
         at = self._tail.find(self._trigger)
         if at < 0:
             self._tail = self._tail[-len(self._trigger) :]

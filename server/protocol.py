@@ -109,7 +109,7 @@ class ResponseFormat(BaseModel):
         missing = self.json_schema is None or not self.json_schema.schema_
         if self.type == "json_schema" and missing:
             raise BadRequest(
-                "response_format type 'json_schema' needs json_schema.schema",
+                "response_format.json_schema: type 'json_schema' needs json_schema.schema",
                 param="response_format.json_schema",
             )
         return self

@@ -92,6 +92,16 @@ def _json_body(tools: Sequence[Mapping[str, Any]]) -> str:
     return f"body: {json_schema_lark(schema)}\n"
 
 
+def _string_choices(schema: Any) -> list[str] | None:
+    """The allowed strings of an ``enum``/``const`` of strings (raw text in the XML form)."""
+    if not isinstance(schema, dict):
+        return None
+    options = schema.get("enum", [schema["const"]] if "const" in schema else None)
+    if options and all(isinstance(o, str) for o in options):
+        return list(options)
+    return None
+
+
 def _xml_body(tools: Sequence[Mapping[str, Any]]) -> str:
     rules = []
     alternatives = []
@@ -104,10 +114,15 @@ def _xml_body(tools: Sequence[Mapping[str, Any]]) -> str:
         for j, (pname, pschema) in enumerate(properties.items()):
             rule = f"f{i}_p{j}"
             open_tag = lark_literal(f"<parameter={pname}>\n")
-            if (
+            choices = _string_choices(pschema)
+            if choices is not None:  # raw text, one of the listed strings
+                alternatives_v = " | ".join(lark_literal(c) for c in choices)
+                rules.append(f'{rule}: {open_tag} {rule}_v "\\n</parameter>\\n"')
+                rules.append(f"{rule}_v: {alternatives_v}")
+            elif (
                 isinstance(pschema, dict)
                 and pschema.get("type") == "string"
-                and not ({"enum", "const", "pattern", "format"} & pschema.keys())
+                and not ({"pattern", "format"} & pschema.keys())
             ):
                 # Raw text up to the closing tag (which the stop consumes).
                 rules.append(f"{rule}: {open_tag} {rule}_v")
@@ -128,8 +143,9 @@ def _body_rules(tools: Sequence[Mapping[str, Any]], fmt: ToolCallFormat) -> str:
 
 
 def _calls_rules(fmt: ToolCallFormat, parallel: bool) -> str:
-    close = '"\\n"' if fmt == "json" else ""
-    call = f'call: "{TOOL_OPEN}\\n" body {close} "{TOOL_CLOSE}"\n'.replace("  ", " ")
+    # The tags stand alone as literals: compile_grammar swaps in special-token ids for them.
+    close = '"\\n" ' if fmt == "json" else ""
+    call = f'call: "{TOOL_OPEN}" "\\n" body {close}"{TOOL_CLOSE}"\n'
     return call + ('calls: call ("\\n" call)*\n' if parallel else "calls: call\n")
 
 
