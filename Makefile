@@ -117,12 +117,14 @@ test: dev openblas chromium
 
 # Side by side on the default model: in-process mlx-lm, mlxd, mlxd without its prefix cache, and
 # mlx_lm.server; results (table, JSON lines, plot) land in bench/results/. BENCH_ARGS=--quick
-# for a short run.
+# for a short run. Then decode speed with a json_schema constraint vs without (same server run).
 bench: dev openblas
 	@dir=$$($(MLXD) pull | sed -n 's/^[^:]*: //p' | head -1); \
 	$(MLXD) bench --model-dir "$$dir" --spawn-mlxd \
 	  --spawn "mlxd-nocache={python} -m server serve --config {config} --port {port} --preload --prefix-cache 0" \
-	  --spawn-mlx-lm $(BENCH_ARGS)
+	  --spawn-mlx-lm $(BENCH_ARGS); \
+	$(PY) -m server.bench.structured --model-dir "$$dir" \
+	  --out "bench/results/$$(date +%Y-%m-%d)-structured-$$(basename "$$dir")"
 
 lint: dev
 	$(VENV)/bin/ruff check server tests
