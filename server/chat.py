@@ -27,7 +27,7 @@ from server.config import ModelEntry, parse_duration
 from server.engine import Engine, GenerationRequest, SamplingParams
 from server.errors import BadRequest, ContextLengthExceeded
 from server.gate import MemoryGate, RequestNeed
-from server.grammar import GrammarProcessor, compile_grammar
+from server.grammar import GrammarProcessor, closing_ranks, compile_grammar
 from server.logfmt import REQUEST_FIELD
 from server.logprobs import TokenLogprob, token_logprob
 from server.manager import KeepAlive, ModelManager
@@ -732,6 +732,8 @@ def constraint_processors(
         lark = answer_grammar(
             schema, tools=tools, fmt=fmt, parallel=parallel, after_think=think_end is not None
         )
+    if budget is not None:
+        closing_ranks(tokenizer)  # built once per tokenizer (a pass over the vocabulary), here
     factories: list[Callable[[], Any]] = []
     if lark is not None:
         grammar = compile_grammar(tokenizer, lark, param)

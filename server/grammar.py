@@ -29,6 +29,7 @@ import functools
 import json
 import logging
 import re
+from dataclasses import dataclass
 from typing import Any
 
 import mlx.core as mx
@@ -115,37 +116,70 @@ def _pack(flags: np.ndarray) -> np.ndarray:
     return np.packbits(padded, bitorder="little").view(np.int32)
 
 
+# Closing ranks: how directly a token winds JSON up, as level << 10 | (1023 - its length), so
+# the smallest rank among the allowed tokens is the most closing one, longest first.
+_CLOSERS = frozenset(b"}] ")
+_SHORT_VALUE = re.compile(rb'^ ?(""|\[\]|\{\}|-?[0-9]+|true|false|null)[\]}]*$')
+
+
+def _rank(level: int, raw: bytes) -> int:
+    return level << 10 | (1023 - min(len(raw), 1023))
+
+
 @functools.lru_cache(maxsize=8)
-def closing_words(tokenizer: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Packed masks of EOS, of the tokens that close a JSON string (hold an unescaped ``"``) and
-    of the tokens that end in ``}`` or ``]``: used to wind JSON up when the budget runs out."""
+def closing_ranks(tokenizer: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Per token id, its closing rank outside a JSON string and inside one.
+
+    Outside: EOS, then tokens of only ``}``/``]``, then ``,``/``:``, then a whole short value
+    (``""``, ``[]``, ``{}``, an integer, ``true``, ``false``, ``null``, closers after it), then
+    tokens that open a string (a required key), then the rest. Inside: tokens whose first
+    unescaped ``"`` is followed by closers only, then any token with an unescaped ``"``.
+    """
     llg = llg_tokenizer(tokenizer)
-    eos = np.zeros(llg.vocab_size, dtype=bool)
-    eos[[t for t in llg.eos_tokens if t < llg.vocab_size]] = True
-    quote = np.zeros(llg.vocab_size, dtype=bool)
-    close = np.zeros(llg.vocab_size, dtype=bool)
+    outside = np.full(llg.vocab_size, _rank(6, b""), dtype=np.int32)
+    inside = np.full(llg.vocab_size, _rank(6, b""), dtype=np.int32)
+    eos = {t for t in llg.eos_tokens if t < llg.vocab_size}
     for i in range(llg.vocab_size):
         raw = llg.decode_bytes([i])
-        quote[i] = b'"' in raw.replace(b'\\"', b"")
-        close[i] = raw.rstrip().endswith((b"}", b"]"))
-    return _pack(eos), _pack(quote), _pack(close)
+        if i in eos:
+            outside[i] = inside[i] = _rank(0, b"")
+            continue
+        if not raw or llg.is_special_token(i):
+            continue
+        stripped = raw.strip(b" ")
+        if stripped and set(stripped) <= _CLOSERS:
+            level = 1
+        elif stripped in (b",", b":"):
+            level = 2
+        elif _SHORT_VALUE.match(raw):
+            level = 3
+        elif stripped.startswith(b'"'):
+            level = 4
+        else:
+            level = 5
+        outside[i] = _rank(level, raw)
+        unescaped = raw.replace(b"\\\\", b"").replace(b'\\"', b"")
+        quote = unescaped.find(b'"')
+        if quote >= 0:
+            inside[i] = _rank(1 if set(unescaped[quote + 1 :]) <= _CLOSERS else 2, raw)
+    return outside, inside
 
 
+@dataclass
 class _JsonDepth:
     """Tracks, byte by byte, whether JSON text is inside a string and how deeply it is nested."""
 
-    def __init__(self) -> None:
-        self.in_string = False
-        self._escape = False
-        self.depth = 0
+    in_string: bool = False
+    escape: bool = False
+    depth: int = 0
 
     def feed(self, data: bytes) -> None:
         for byte in data:
             if self.in_string:
-                if self._escape:
-                    self._escape = False
+                if self.escape:
+                    self.escape = False
                 elif byte == 0x5C:  # backslash
-                    self._escape = True
+                    self.escape = True
                 elif byte == 0x22:
                     self.in_string = False
             elif byte == 0x22:
@@ -156,17 +190,34 @@ class _JsonDepth:
                 self.depth -= 1
 
 
+# A closing plan is looked for again this often, and every step once the tokens left come within
+# this many of its length (a new nested object can lengthen it by several tokens at once).
+REPLAN_EVERY = 16
+REPLAN_NEAR = 24
+# The plan is written once the tokens left are at most its length plus this.
+WIND_UP_SLACK = 1
+PLAN_LIMIT = 1024
+# A schema that cannot be closed in the budget: the last this many tokens are narrowed to the
+# most closing ones allowed (the answer is cut off all the same, but as short as it can be).
+LATE_WINDOW = 16
+# Near the end, this many of the model's likeliest tokens are checked against the budget.
+FIT_CANDIDATES = 6
+
+
 class GrammarProcessor:
     """Masks logits to a grammar; one instance per sequence (see the module docstring).
 
     `trigger`: text after which the grammar starts (None: from the first token). `rearm`: after
     the grammar is complete, watch for the trigger again instead of allowing only EOS.
 
-    `budget` (max_tokens, for JSON grammars): when the tokens left get close to what closing the
-    open strings, arrays and objects takes, the choice is narrowed, among the tokens the grammar
-    allows, to those that close something (EOS first, then a string's closing quote, then ``}``
-    or ``]``), so the answer still parses when the budget ends. Required keys and array minimums
-    stay enforced by the grammar, so a deep schema may still run out.
+    `budget` (max_tokens, for JSON grammars): the processor keeps a *closing plan*, the tokens a
+    closing policy would write from here to EOS (on a copy of the matcher: at each step the
+    allowed token of the best closing rank, see :func:`closing_ranks`; required keys, minimums
+    and forced text are the grammar's). Within ``REPLAN_NEAR`` tokens of the plan's length, the
+    model picks among its likeliest allowed tokens after which a plan still fits (so it cannot
+    open an optional key it has no room to finish); once the tokens left come down to the plan's
+    length (plus one), the plan's tokens are written: the answer is complete JSON ending in EOS
+    inside the budget whenever the policy can close the schema in it.
     """
 
     def __init__(
@@ -184,7 +235,11 @@ class GrammarProcessor:
         self._budget = budget
         self._generated = 0
         self._json = _JsonDepth()
-        self._closers = closing_words(tokenizer) if budget is not None else None
+        self._ranks = closing_ranks(tokenizer) if budget is not None else None
+        self._plan: list[int] | None = None  # the closing plan, while the model follows it
+        self._planned_at = 0
+        self._plan_length = 0  # of the last plan made (a guide for when to plan again)
+        self._late = False  # no plan fits in the tokens left: close as directly as possible
         self._grammar = grammar
         self._trigger = trigger.encode() if trigger else None
         self._rearm = rearm and trigger is not None
@@ -205,10 +260,13 @@ class GrammarProcessor:
     def _start_matcher(self, after: bytes) -> None:
         """Begin constraining; `after` is text already generated past the trigger."""
         self._matcher = self._llguidance.LLMatcher(self._llg, self._grammar, log_level=1)
+        self._json = _JsonDepth()
+        self._plan, self._late = None, False
         if after:
             ids = self._llg.tokenize_bytes(after)
             if self._matcher.try_consume_tokens(ids) != len(ids):
                 self._stop(f"the text after the trigger does not fit the grammar: {after!r}")
+            self._json.feed(after)
 
     def _stop(self, why: str) -> None:
         log.warning("constrained decoding stopped: %s", why)
@@ -229,26 +287,18 @@ class GrammarProcessor:
             self._watch(token)
         elif not self._matcher.consume_token(token):
             self._stop(self._matcher.get_error() or f"token {token} rejected")
-        elif self._closers is not None:
+        else:
             self._json.feed(self._llg.decode_bytes([token]))
-        elif self._rearm and self._matcher.is_accepting():
-            self._matcher = None  # this call is complete: back to free text
-            self._tail = b""
+            if self._plan and self._plan[0] == token:
+                self._plan = self._plan[1:]  # still on the plan: it holds from here
+            else:
+                self._plan = None
+            if self._rearm and self._matcher.is_accepting():
+                self._matcher = None  # this call is complete: back to free text
+                self._tail = b""
         if self._matcher is None:
             return logits
         return self._mask(logits)
-
-    def _wind_up(self) -> None:
-        """Narrow the mask to tokens that close the JSON (see the class docstring)."""
-        assert self._closers is not None
-        words = self._words
-        ends, quote, close = self._closers
-        tiers = [ends] + ([quote] if self._json.in_string else [close])
-        for tier in tiers:
-            narrowed = words & tier
-            if narrowed.any():
-                words[:] = narrowed
-                return
 
     def _watch(self, token: int) -> None:
         assert self._trigger is not None
@@ -263,16 +313,103 @@ class GrammarProcessor:
         if not self._rearm and self._matcher is not None:
             self._trigger = None
 
+    # ---- winding JSON up before the budget ends ------------------------------------------
+
+    def _allowed(self, words: np.ndarray) -> np.ndarray:
+        bits = np.unpackbits(words.view(np.uint8), bitorder="little")
+        return np.flatnonzero(bits[: self._llg.vocab_size])
+
+    def _closing(self, allowed: np.ndarray, in_string: bool) -> np.ndarray:
+        """The ranks of the ``allowed`` token ids."""
+        assert self._ranks is not None
+        return self._ranks[1 if in_string else 0][allowed]
+
+    def _make_plan(self, limit: int, first: int | None = None) -> list[int] | None:
+        """The closing policy's tokens from here (after `first`, when given) through EOS, or
+        None if it needs over `limit`."""
+        matcher = self._matcher.deep_copy()
+        depth = _JsonDepth(self._json.in_string, self._json.escape, self._json.depth)
+        if first is not None:
+            if first in self._llg.eos_tokens:
+                return []
+            if not matcher.consume_token(first):
+                return None
+            depth.feed(self._llg.decode_bytes([first]))
+        words = np.empty_like(self._words)
+        plan: list[int] = []
+        while len(plan) < limit:
+            matcher.unsafe_compute_mask_ptr(words.ctypes.data, words.nbytes)
+            allowed = self._allowed(words)
+            if matcher.is_error() or not allowed.size:
+                return None
+            token = int(allowed[np.argmin(self._closing(allowed, depth.in_string))])
+            plan.append(token)
+            if token in self._llg.eos_tokens:
+                return plan
+            if not matcher.consume_token(token):
+                return None
+            if self._rearm and matcher.is_accepting():  # the call is complete: free text next
+                return plan
+            depth.feed(self._llg.decode_bytes([token]))
+        return None
+
+    def _fitting(self, plan: list[int], left: int, logits: mx.array) -> np.ndarray:
+        """Of the model's likeliest allowed tokens, those after which the schema can still be
+        closed in time (the plan's next token always can): near the end a token that opens
+        more structure (a ``,`` before an optional key) must not make the budget too short."""
+        allowed = self._allowed(self._words)
+        scores = np.array(logits.reshape(-1)[: self._llg.vocab_size].astype(mx.float32))
+        likeliest = allowed[np.argsort(-scores[allowed])[:FIT_CANDIDATES]]
+        keep = [plan[0]]
+        for token in likeliest.tolist():
+            if token != plan[0]:
+                after = self._make_plan(left - 1, first=token)
+                if after is not None:
+                    keep.append(token)
+        return np.array(keep, dtype=np.int64)
+
+    def _wind_up(self, logits: mx.array) -> None:
+        """Narrow ``self._words`` (the grammar's mask) for the budget; see the class docstring."""
+        assert self._budget is not None
+        left = self._budget - self._generated  # tokens that may still be sampled, EOS included
+        if left <= 0:  # the step after the last one (computed ahead); never sampled
+            return
+        if not self._late and self._plan is None:
+            due = (
+                self._plan_length == 0
+                or left <= self._plan_length + REPLAN_NEAR
+                or self._generated - self._planned_at >= REPLAN_EVERY
+            )
+            if due:
+                self._plan = self._make_plan(min(left + REPLAN_NEAR, PLAN_LIMIT))
+                self._planned_at = self._generated
+                if self._plan is not None:
+                    self._plan_length = len(self._plan)
+                elif left + REPLAN_NEAR <= PLAN_LIMIT:
+                    self._late = True  # cannot be closed in time: close as directly as it can
+        plan = self._plan
+        if plan and left <= len(plan) + WIND_UP_SLACK:
+            keep = np.array(plan[:1], dtype=np.int64)  # write the plan
+        elif plan and left <= len(plan) + REPLAN_NEAR:
+            keep = self._fitting(plan, left, logits)
+        elif self._late and left <= LATE_WINDOW:
+            allowed = self._allowed(self._words)  # the most closing tokens, the model's pick
+            ranks = self._closing(allowed, self._json.in_string)
+            keep = allowed[(ranks >> 10) == (ranks.min() >> 10)]
+        else:
+            return
+        flags = np.zeros(self._llg.vocab_size, dtype=bool)
+        flags[keep] = True
+        self._words[:] = _pack(flags)
+
     def _mask(self, logits: mx.array) -> mx.array:
         matcher = self._matcher
         matcher.unsafe_compute_mask_ptr(self._words.ctypes.data, self._words.nbytes)
         if matcher.is_error():
             self._stop(matcher.get_error())
             return logits
-        if self._closers is not None and self._budget is not None:
-            left = self._budget - self._generated
-            if left <= 8 + 2 * max(self._json.depth, 0):
-                self._wind_up()
+        if self._ranks is not None and self._words.any():
+            self._wind_up(logits)
         if self._shifts is None:
             self._shifts = mx.arange(32, dtype=mx.uint32)
         words = mx.array(self._words).astype(mx.uint32)

@@ -7,6 +7,7 @@ reported logprobs with the model's own log-softmax at every position.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,11 +26,18 @@ ASK = [{"role": "user", "content": "Name three colours."}]
 
 
 class RecordingEngine(MLXEngine):
-    """The real engine; remembers each generation's prompt and generated token ids."""
+    """The real engine; remembers each generation's prompt and generated token ids, and the
+    largest batch it stepped."""
 
     def __init__(self) -> None:
         super().__init__()
         self.runs: list[tuple[list[int], list[int]]] = []
+        self.largest_batch = 0
+
+    def _step(self) -> None:
+        super()._step()
+        if self._batch is not None:
+            self.largest_batch = max(self.largest_batch, len(self._batch))
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         tokens: list[int] = []
@@ -131,3 +139,67 @@ def test_n_sampled_choices_differ(setup: Any, stream: bool) -> None:
     else:
         texts = [c.message.content or "" for c in client.chat.completions.create(**kwargs).choices]
     assert len(set(texts)) == 3
+
+
+def test_completions_legacy_logprobs_equal_the_models_log_softmax(setup: Any) -> None:
+    client, engine, model_dir = setup
+    prompt = "The capital of France is"
+    r = client.completions.create(
+        model="smollm2", prompt=prompt, temperature=0, max_tokens=8, logprobs=2
+    )
+    lp = r.choices[0].logprobs
+    assert lp is not None and lp.tokens and lp.token_logprobs and lp.top_logprobs
+    assert lp.text_offset is not None
+    ids, completion = engine.runs[-1]
+    expected = model_logprobs(model_dir, ids, completion)
+    assert len(lp.tokens) == len(completion) == r.usage.completion_tokens  # type: ignore[union-attr]
+    assert "".join(lp.tokens) == r.choices[0].text
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+    for i, (logprob, top) in enumerate(zip(lp.token_logprobs, lp.top_logprobs, strict=True)):
+        row = expected[i]
+        assert logprob == pytest.approx(row[completion[i]].item(), abs=2e-3)
+        assert len(top) <= 2 and max(top.values()) == pytest.approx(logprob, abs=1e-6)
+    chunks = list(
+        client.completions.create(
+            model="smollm2", prompt=prompt, temperature=0, max_tokens=8, logprobs=2, stream=True
+        )
+    )
+    streamed = [
+        t for c in chunks for ch in c.choices if ch.logprobs for t in ch.logprobs.tokens or []
+    ]
+    assert streamed == lp.tokens
+
+
+def test_n_choices_share_the_batch_with_other_requests(setup: Any) -> None:
+    """n=3 runs as three sequences of the running batch, next to another client's request:
+    greedy choices are identical (and their logprobs are the model's), sampled ones differ."""
+    client, engine, model_dir = setup
+    engine.largest_batch = 0
+    other: dict[str, Any] = {}
+
+    def neighbour() -> None:
+        other["r"] = client.chat.completions.create(
+            model="smollm2", messages=[{"role": "user", "content": "Count to twenty."}],
+            temperature=0, max_tokens=40,
+        )  # fmt: skip
+
+    thread = threading.Thread(target=neighbour)
+    thread.start()
+    greedy = client.chat.completions.create(
+        model="smollm2", messages=ASK, temperature=0, max_tokens=12, n=3, logprobs=True
+    )
+    sampled = client.chat.completions.create(
+        model="smollm2", messages=ASK, temperature=1.2, max_tokens=12, n=3
+    )
+    thread.join()
+    assert other["r"].choices[0].message.content
+    assert engine.largest_batch >= 4  # three choices and the neighbour, stepped together
+    assert len({c.message.content for c in greedy.choices}) == 1
+    assert len({c.message.content for c in sampled.choices}) == 3
+    runs = [run for run in engine.runs if run[0] == engine.runs[-1][0]]
+    prompt, completion = runs[-6]  # the first greedy choice (then two more, then 3 sampled)
+    expected = model_logprobs(model_dir, prompt, completion)
+    content = greedy.choices[0].logprobs.content  # type: ignore[union-attr]
+    assert content is not None
+    for i, entry in enumerate(content):
+        assert entry.logprob == pytest.approx(expected[i][completion[i]].item(), abs=2e-2)
