@@ -117,14 +117,16 @@ test: dev openblas chromium
 
 # Side by side on the default model: in-process mlx-lm, mlxd, mlxd without its prefix cache, and
 # mlx_lm.server; results (table, JSON lines, plot) land in bench/results/. BENCH_ARGS=--quick
-# for a short run. Then the memory scenario: estimate vs measured peak over prompt lengths, and
-# growing prompts under a budget (bench/README.md).
+# for a short run. Then decode speed with a json_schema constraint vs without, and the memory
+# scenario: estimate vs measured peak over prompt lengths, growing prompts under a budget
+# (bench/README.md).
 bench: dev openblas
 	@dir=$$($(MLXD) pull | sed -n 's/^[^:]*: //p' | head -1); \
 	$(MLXD) bench --model-dir "$$dir" --spawn-mlxd \
 	  --spawn "mlxd-nocache={python} -m server serve --config {config} --port {port} --preload --prefix-cache 0" \
-	  --spawn-mlx-lm $(BENCH_ARGS)
-	@dir=$$($(MLXD) pull | sed -n 's/^[^:]*: //p' | head -1); \
+	  --spawn-mlx-lm $(BENCH_ARGS); \
+	$(PY) -m server.bench.structured --model-dir "$$dir" \
+	  --out "bench/results/$$(date +%Y-%m-%d)-structured-$$(basename "$$dir")"; \
 	$(PY) -m server.bench.memory --model-dir "$$dir" --out bench/results/$$(date +%F)-memory \
 	  --lengths 16,256,1000,2100,3000 --max-tokens 8 --stress 64,512,1024,2100,3000 --budget 0.8GB
 

@@ -22,19 +22,31 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from server.admission import Need
 from server.config import ModelEntry, parse_duration
 from server.engine import Engine, GenerationRequest, SamplingParams
 from server.errors import BadRequest, ContextLengthExceeded
 from server.gate import MemoryGate, RequestNeed
+from server.grammar import GrammarProcessor, closing_ranks, compile_grammar
 from server.logfmt import REQUEST_FIELD
+from server.logprobs import TokenLogprob, token_logprob
 from server.manager import Flight, KeepAlive, ModelManager
 from server.observe import RequestRecord
-from server.parsers.forcing import BanTokens, PrefixForcer, ToolCallFormat, forced_prefix
+from server.parsers.forcing import (
+    TOOL_OPEN,
+    BanTokens,
+    ToolCallFormat,
+    answer_grammar,
+    calls_grammar,
+    named_tool,
+    open_call_grammar,
+)
 from server.parsers.hermes import HermesToolParser, ToolCallDelta
 from server.parsers.reasoning import ThinkSplitter, prompt_opens_reasoning
 from server.protocol import ChatRequest, Message, NamedToolChoice, completion_id, now
 from server.registry import Registry
 from server.stops import StopMatcher
+from server.tool_prompt import template_ignores_tools, with_tools_in_system
 
 log = logging.getLogger("mlxd.chat")
 
@@ -53,9 +65,13 @@ class Delta:
     # Indices of calls already announced that turned out malformed (their text is in content):
     # a folded response drops them; a stream has already sent them.
     invalidated: list[int] = field(default_factory=list)
+    index: int = 0  # the choice (n > 1)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # tokens of this step
 
     def __bool__(self) -> bool:
-        return bool(self.content or self.reasoning or self.tool_calls or self.invalidated)
+        return bool(
+            self.content or self.reasoning or self.tool_calls or self.invalidated or self.logprobs
+        )
 
 
 @dataclass(frozen=True)
@@ -67,9 +83,12 @@ class Usage:
 
 @dataclass(frozen=True)
 class Finish:
+    """The end of one choice; ``usage`` counts that choice's completion tokens."""
+
     reason: str
     usage: Usage
     stop_sequence: str | None = None  # the stop string that ended the output, if one did
+    index: int = 0
     detail: str | None = None  # why the server ended it early (memory pressure)
 
 
@@ -87,16 +106,20 @@ class Prepared:
     think: bool
     starts_in_reasoning: bool
     tools: list[dict[str, Any]] | None
-    processors: list[Any]
+    # Builds the logits processors of one sequence: they keep per-sequence state, so each of
+    # the n choices gets its own.
+    processors: Callable[[], list[Any]]
     ignore_eos: bool
     keep_alive: KeepAlive | None
     need: RequestNeed | None = None
     parallel_tool_calls: bool = True
     raw: bool = False  # a raw prompt (no chat template): the output continues it verbatim
+    n: int = 1
+    logprobs: int | None = None  # top_logprobs to report per token; None: no logprobs
 
 
 class ChatRun:
-    """One admitted request. Iterate ``events()`` exactly once; ``aclose()`` is idempotent."""
+    """One admitted request (n choices). Iterate ``events()`` once; ``aclose()`` is idempotent."""
 
     def __init__(
         self,
@@ -112,27 +135,36 @@ class ChatRun:
         self.model = prepared.entry.id
         self._engine = engine
         self._stack = exit_stack
-        self.request = GenerationRequest(
-            prompt=prepared.prompt,
-            max_tokens=prepared.max_tokens,
-            sampling=prepared.sampling,
-            tokenizer=prepared.tokenizer,
-            ignore_eos=prepared.ignore_eos,
-            extra_processors=prepared.processors,
-            max_kv_size=prepared.entry.max_kv_size,
-            kv_bits=prepared.entry.kv_bits,
-            prefill_step_size=prepared.entry.prefill_step_size,
-            keep_leading_space=prepared.raw,
-        )
+        self.requests = [self._request(i) for i in range(prepared.n)]
         self.first_token_at: float | None = None
         self.started_at = time.perf_counter()
         self.client = "-"  # who asked (address:port), for the log line
         # Why the run was ended early, if it was: client_disconnected, shutdown, memory_pressure.
         self.cause: str | None = None
         self._logged = False
-        self.peak_bytes = 0  # MLX's peak while it ran (from the engine's final chunk)
+        self._usages = [Usage(len(prepared.prompt), 0, 0) for _ in self.requests]
+        self.peak_bytes = 0  # MLX's peak while it ran (from the engine's final chunks)
         self.tokens_generated = 0
         self.ended_detail: str | None = None  # why the server ended it early, if it did
+
+    def _request(self, index: int) -> GenerationRequest:
+        p = self.prepared
+        sampling = p.sampling
+        if index and sampling.seed is not None:  # seeded choices differ from one another
+            sampling = dataclasses.replace(sampling, seed=sampling.seed + index)
+        return GenerationRequest(
+            prompt=p.prompt,
+            max_tokens=p.max_tokens,
+            sampling=sampling,
+            tokenizer=p.tokenizer,
+            ignore_eos=p.ignore_eos,
+            extra_processors=p.processors(),
+            max_kv_size=p.entry.max_kv_size,
+            kv_bits=p.entry.kv_bits,
+            prefill_step_size=p.entry.prefill_step_size,
+            logprobs=p.logprobs,
+            keep_leading_space=p.raw,
+        )
 
     def _log(self, finish: Finish) -> None:
         """One record per request at its end, cancelled or not: the log line, /metrics and the
@@ -160,8 +192,9 @@ class ChatRun:
         """End the generation within one token; ``reason`` becomes its finish reason."""
         if cause is not None and self.cause is None:
             self.cause = cause
-        self.request.cancel_reason = reason
-        self.request.cancel.set()
+        for request in self.requests:
+            request.cancel_reason = reason
+            request.cancel.set()
 
     def end_early(self, detail: str) -> None:
         """The server ends it (memory pressure): ``finish_reason`` "length", ``detail`` why."""
@@ -173,11 +206,82 @@ class ChatRun:
         self._stack.callback(callback)
 
     async def aclose(self) -> None:
-        self.request.cancel.set()
+        for request in self.requests:
+            request.cancel.set()
         await self._stack.aclose()
 
     async def events(self) -> AsyncIterator[Delta | Finish]:
+        """Every choice's deltas, interleaved as they come, each choice ending in its Finish.
+
+        The run is recorded (log line, /metrics, status page) once, when the last choice ends
+        or when the run is cut short: its usage counts every choice's completion tokens.
+        """
+        finished: list[Finish] = []
+        try:
+            async for event in self._choices():
+                if isinstance(event, Finish):
+                    finished.append(event)
+                    if len(finished) == len(self.requests):
+                        self._log(dataclasses.replace(event, usage=self._usage()))
+                yield event
+        except (GeneratorExit, asyncio.CancelledError):
+            if not self._logged:  # the client went away mid-answer
+                self.cause = self.cause or "client_disconnected"
+                self._log(Finish("cancelled", self._usage()))
+            raise
+        except Exception:
+            if not self._logged:
+                self._log(Finish("error", self._usage()))
+            raise
+        finally:
+            if not self._logged:  # the consumer stopped early: the client went away
+                self.cause = self.cause or "client_disconnected"
+                self._log(Finish("cancelled", self._usage()))
+            await self.aclose()
+
+    def _usage(self) -> Usage:
+        """The run's usage so far: the prompt once, the completion tokens of every choice."""
+        first = self._usages[0]
+        completion = sum(u.completion_tokens for u in self._usages)
+        return Usage(first.prompt_tokens, completion, first.cached_tokens)
+
+    async def _choices(self) -> AsyncIterator[Delta | Finish]:
+        if len(self.requests) == 1:
+            async for event in self._choice(0):
+                yield event
+            return
+        # n choices run as n generations side by side: n sequences of the engine's batch.
+        queue: asyncio.Queue[Delta | Finish | BaseException | None] = asyncio.Queue()
+
+        async def pump(index: int) -> None:
+            try:
+                async for event in self._choice(index):
+                    await queue.put(event)
+            except BaseException as exc:
+                await queue.put(exc)
+                raise
+            finally:
+                await queue.put(None)
+
+        tasks = [asyncio.create_task(pump(i)) for i in range(len(self.requests))]
+        try:
+            running = len(tasks)
+            while running:
+                item = await queue.get()
+                if item is None:
+                    running -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield item
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _choice(self, index: int) -> AsyncIterator[Delta | Finish]:
         p = self.prepared
+        request = self.requests[index]
         stops = StopMatcher(p.stops)
         think = ThinkSplitter(start_in_reasoning=p.starts_in_reasoning) if p.think else None
         tools = HermesToolParser(tools=p.tools) if p.tools is not None else None
@@ -191,7 +295,7 @@ class ChatRun:
                     rest = think.finish()
                     reasoning, text = reasoning + rest.reasoning, text + rest.content
             if tools is None:
-                return Delta(content=text, reasoning=reasoning)
+                return Delta(content=text, reasoning=reasoning, index=index)
             parsed = tools.feed(text)
             content, calls, invalid = parsed.content, list(parsed.calls), list(parsed.invalidated)
             if final:
@@ -199,63 +303,53 @@ class ChatRun:
                 content += tail.content
                 calls += tail.calls
                 invalid += tail.invalidated
-            return Delta(content, reasoning, calls, invalid)
+            return Delta(content, reasoning, calls, invalid, index)
 
         finish_reason = "stop"
         stop_sequence: str | None = None
-        usage = Usage(len(p.prompt), 0, 0)
-        try:
-            async for chunk in self._engine.generate(self.request):
-                if self.first_token_at is None:
-                    self.first_token_at = time.perf_counter()
-                usage = Usage(chunk.prompt_tokens, chunk.completion_tokens, chunk.cached_tokens)
-                matched = stops.feed(chunk.text)
-                final = chunk.finish_reason is not None or matched.stopped
-                text = matched.text if matched.stopped else matched.text + (
-                    stops.finish() if final else ""
-                )  # fmt: skip
-                delta = parse(text, final)
-                if delta:
-                    yield delta
-                if matched.stopped:
-                    self.cancel("stop")
-                    finish_reason, stop_sequence = "stop", matched.stop
-                    break
-                if tools is not None and tools.call_count and not p.parallel_tool_calls:
-                    self.cancel("stop")  # parallel_tool_calls=false: one call, then stop
-                    finish_reason = "stop"
-                    break
-                if chunk.finish_reason is not None:
-                    finish_reason = chunk.finish_reason
-                    self.peak_bytes = chunk.peak_bytes
-                    self.tokens_generated = chunk.completion_tokens
-                    break
-            if finish_reason == "cancelled":
+        async for chunk in self._engine.generate(request):
+            if self.first_token_at is None:
+                self.first_token_at = time.perf_counter()
+            self._usages[index] = Usage(
+                chunk.prompt_tokens, chunk.completion_tokens, chunk.cached_tokens
+            )
+            matched = stops.feed(chunk.text)
+            final = chunk.finish_reason is not None or matched.stopped
+            text = matched.text if matched.stopped else matched.text + (
+                stops.finish() if final else ""
+            )  # fmt: skip
+            delta = parse(text, final)
+            if p.logprobs is not None and chunk.token is not None and chunk.logprob is not None:
+                delta.logprobs.append(token_logprob(p.tokenizer, chunk))
+            if delta:
+                yield delta
+            if matched.stopped:
+                request.cancel_reason = "stop"
+                request.cancel.set()
+                finish_reason, stop_sequence = "stop", matched.stop
+                break
+            if tools is not None and tools.call_count and not p.parallel_tool_calls:
+                request.cancel_reason = "stop"  # parallel_tool_calls=false: one call, then stop
+                request.cancel.set()
                 finish_reason = "stop"
-            if tools is not None:
-                if tools.incomplete_call is not None:
-                    # Announced but cut off: its arguments are not valid JSON, so a folded
-                    # response leaves it out; finish_reason says why ("length" for max_tokens).
-                    yield Delta(invalidated=[tools.incomplete_call])
-                if tools.call_count and finish_reason == "stop" and not tools.truncated:
-                    finish_reason = "tool_calls"
-            finish = Finish(finish_reason, usage, stop_sequence, self.ended_detail)
-            self._log(finish)
-            yield finish
-        except (GeneratorExit, asyncio.CancelledError):
-            if not self._logged:  # the client went away mid-answer
-                self.cause = self.cause or "client_disconnected"
-                self._log(Finish("cancelled", usage))
-            raise
-        except Exception:
-            if not self._logged:
-                self._log(Finish("error", usage))
-            raise
-        finally:
-            if not self._logged:  # the consumer stopped early: the client went away
-                self.cause = self.cause or "client_disconnected"
-                self._log(Finish("cancelled", usage))
-            await self.aclose()
+                break
+            if chunk.finish_reason is not None:
+                finish_reason = chunk.finish_reason
+                self.peak_bytes = max(self.peak_bytes, chunk.peak_bytes)
+                self.tokens_generated = max(self.tokens_generated, chunk.completion_tokens)
+                break
+        if finish_reason == "cancelled":
+            finish_reason = "stop"
+        if tools is not None:
+            if tools.incomplete_call is not None:
+                # Announced but cut off: its arguments are not valid JSON, so a folded
+                # response leaves it out; finish_reason says why ("length" for max_tokens).
+                yield Delta(invalidated=[tools.incomplete_call], index=index)
+            if tools.call_count and finish_reason == "stop" and not tools.truncated:
+                finish_reason = "tool_calls"
+        yield Finish(
+            finish_reason, self._usages[index], stop_sequence, index, detail=self.ended_detail
+        )
 
 
 class ChatService:
@@ -343,9 +437,9 @@ class ChatService:
         render_tools = tools if choice != "none" else None
         context = context_limit(entry, config)
 
-        def render_and_encode() -> tuple[str, list[int], list[Any]]:
+        def render_and_encode() -> tuple[str, list[int]]:
             if raw_prompt is not None:
-                return "", list(raw_prompt), []
+                return "", list(raw_prompt)
             with tokenizer_lock(tokenizer):
                 text = render_prompt(tokenizer, request, entry, render_tools)
                 if len(text) > context * MAX_CHARS_PER_TOKEN:
@@ -354,24 +448,37 @@ class ChatService:
                         f"are {len(text)} characters, far more than that. Shorten the messages.",
                         param="messages",
                     )
-                ids = list(tokenizer.encode(text, add_special_tokens=False))
-                return text, ids, tool_choice_processors(tokenizer, text, choice, tools)
+                return text, list(tokenizer.encode(text, add_special_tokens=False))
 
         # Rendering and tokenizing take time in proportion to the prompt (seconds for a few
         # MB): off the event loop, so running streams and /health are not held up.
-        prompt_text, prompt, processors = await asyncio.to_thread(render_and_encode)
+        prompt_text, prompt = await asyncio.to_thread(render_and_encode)
         max_tokens = resolve_max_tokens(request, entry, len(prompt), context, cap_max_tokens)
         starts_in_reasoning = tokenizer.has_thinking and prompt_opens_reasoning(prompt_text)
+
+        def constraints() -> Callable[[], list[Any]]:
+            with tokenizer_lock(tokenizer):
+                return constraint_processors(
+                    tokenizer, request, tools, starts_in_reasoning=bool(starts_in_reasoning),
+                    max_tokens=max_tokens,
+                )  # fmt: skip
+
+        # Compiling a grammar (and, once per tokenizer, llguidance's view of the vocabulary)
+        # takes milliseconds to a second: off the event loop too.
+        processors = await asyncio.to_thread(constraints)
         sampling = sampling_for(request, entry, self.registry.generation_defaults(entry))
         if not 0 < sampling.top_k < vocab:
             # top_k >= the vocabulary keeps every token: the same as no top_k (mlx-lm refuses it).
             sampling = dataclasses.replace(sampling, top_k=0)
+        n = request.n or 1
         need = None
         if self.gate is not None:
             need = self.gate.need_for(
                 entry, self.registry.model_dir(entry), len(prompt), max_tokens, context,
                 sampling=sampling.temperature > 0,
             )  # fmt: skip
+            if n > 1:
+                need = dataclasses.replace(need, need=times(need.need, n))
         return Prepared(
             entry=entry,
             prompt=prompt,
@@ -389,7 +496,23 @@ class ChatService:
             need=need,
             parallel_tool_calls=request.parallel_tool_calls is not False,
             raw=raw_prompt is not None,
+            n=n,
+            logprobs=(request.top_logprobs or 0) if request.logprobs else None,
         )
+
+
+def times(need: Need, n: int) -> Need:
+    """The memory need of ``n`` sequences of one request (n choices): n KV caches and working
+    sets, reserved together so the choices join the batch together."""
+    per_sequence = need.request_for
+
+    def request_for(tokens: int) -> int:
+        assert per_sequence is not None
+        return per_sequence(tokens) * n
+
+    return dataclasses.replace(
+        need, request=need.request * n, request_for=request_for if per_sequence else None
+    )
 
 
 _TOKENIZER_LOCKS: dict[int, threading.Lock] = {}
@@ -490,6 +613,8 @@ def render_prompt(
     tokenizer: Any, request: ChatRequest, entry: ModelEntry, tools: list[dict[str, Any]] | None
 ) -> str:
     messages = template_messages(request.messages)
+    if tools and template_ignores_tools(tokenizer, entry.id):
+        messages, tools = with_tools_in_system(messages, tools), None
     continue_final = messages[-1]["role"] == "assistant"
     try:
         text = tokenizer.apply_chat_template(
@@ -594,24 +719,56 @@ def tool_call_format(tokenizer: Any) -> ToolCallFormat:
     return "xml" if "<function=mlxd_probe>" in str(text) else "json"
 
 
-def tool_choice_processors(
+def constraint_processors(
     tokenizer: Any,
-    prompt_text: str,
-    choice: str | NamedToolChoice | None,
+    request: ChatRequest,
     tools: list[dict[str, Any]] | None,
-) -> list[Any]:
-    """Logits processors that enforce ``tool_choice`` during generation, not just in the prompt."""
-    if not tools or choice in (None, "auto"):
-        return []
-    start_ids = tokenizer.encode("<tool_call>", add_special_tokens=False)
-    if choice == "none":
-        return [BanTokens(start_ids[:1])] if len(start_ids) == 1 else []
-    name = choice.function["name"] if isinstance(choice, NamedToolChoice) else None
-    prefix = tokenizer.encode(forced_prefix(tool_call_format(tokenizer), name),
-                              add_special_tokens=False)  # fmt: skip
-    wait_for = None
-    if tokenizer.has_thinking and prompt_opens_reasoning(prompt_text):
-        wait_for = list(tokenizer.encode(tokenizer.think_end, add_special_tokens=False))
-    # The processor sees only the tokens the engine feeds (a prefix-cache hit shortens the
-    # prompt), so it takes its starting point from its first call.
-    return [PrefixForcer(list(prefix), None, wait_for=wait_for)]
+    *,
+    starts_in_reasoning: bool,
+    max_tokens: int,
+) -> Callable[[], list[Any]]:
+    """The logits processors that enforce ``tool_choice`` and ``response_format``, as a factory.
+
+    The grammar is compiled (and checked: an unsupported schema is a 400) once, here; each call
+    of the factory makes fresh per-sequence processors. A reasoning model whose prompt opened
+    ``<think>`` thinks unconstrained: the grammar starts after ``</think>``.
+    """
+    choice = request.tool_choice
+    if tools and choice == "none":
+        start_ids = tokenizer.encode(TOOL_OPEN, add_special_tokens=False)
+        ban = start_ids[:1] if len(start_ids) == 1 else []
+        return (lambda: [BanTokens(ban)]) if ban else list
+    fmt = tool_call_format(tokenizer) if tools else "json"
+    parallel = request.parallel_tool_calls is not False
+    think_end = tokenizer.think_end if starts_in_reasoning else None
+    fmt_req = request.response_format
+    structured = fmt_req is not None and fmt_req.type != "text"
+    lark: str | None = None
+    param = "tools"
+    budget = max_tokens if fmt == "json" else None  # JSON is wound up before the budget ends
+    if tools and (choice == "required" or isinstance(choice, NamedToolChoice)):
+        chosen = named_tool(tools, choice.function["name"]) if isinstance(
+            choice, NamedToolChoice
+        ) else tools  # fmt: skip
+        lark = calls_grammar(chosen, fmt, parallel=parallel, after_think=think_end is not None)
+    elif structured:
+        assert fmt_req is not None
+        schema = fmt_req.schema_dict if fmt_req.type == "json_schema" else None
+        param = "response_format.json_schema.schema" if schema is not None else "response_format"
+        lark = answer_grammar(
+            schema, tools=tools, fmt=fmt, parallel=parallel, after_think=think_end is not None
+        )
+    if budget is not None:
+        closing_ranks(tokenizer)  # built once per tokenizer (a pass over the vocabulary), here
+    factories: list[Callable[[], Any]] = []
+    if lark is not None:
+        grammar = compile_grammar(tokenizer, lark, param)
+        factories.append(
+            lambda: GrammarProcessor(tokenizer, grammar, trigger=think_end, budget=budget)
+        )
+    elif tools:  # auto: a call, once opened, is finished validly
+        grammar = compile_grammar(tokenizer, open_call_grammar(tools, fmt), "tools")
+        factories.append(
+            lambda: GrammarProcessor(tokenizer, grammar, TOOL_OPEN, rearm=True, budget=budget)
+        )
+    return lambda: [make() for make in factories]

@@ -2,8 +2,8 @@
 
 Requests are validated by pydantic. Fields that clients commonly send but that change nothing
 here (``user``, ``metadata``, ``store``, ``service_tier``…) are accepted and ignored
-(``extra="allow"``); values mlxd cannot honour (``n > 1``, ``logprobs``, structured output) are
-rejected with a 400 that names the field instead of being silently dropped.
+(``extra="allow"``); values mlxd cannot honour are rejected with a 400 that names the field
+instead of being silently dropped.
 
 Hostile input is refused here with a 400 naming the field: non-finite numbers anywhere in a
 numeric field, seeds outside what MLX accepts, lone surrogates (they cannot be encoded for the
@@ -156,9 +156,34 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
 class ResponseFormat(BaseModel):
+    """``text``, ``json_object`` (any JSON object) or ``json_schema`` (enforced while decoding)."""
+
     model_config = ConfigDict(extra="allow")
-    type: str
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _has_schema(self) -> ResponseFormat:
+        missing = self.json_schema is None or not self.json_schema.schema_
+        if self.type == "json_schema" and missing:
+            raise BadRequest(
+                "response_format.json_schema: type 'json_schema' needs json_schema.schema",
+                param="response_format.json_schema",
+            )
+        return self
+
+    @property
+    def schema_dict(self) -> dict[str, Any] | None:
+        return self.json_schema.schema_ if self.json_schema is not None else None
 
 
 class ChatRequest(BaseModel):
@@ -182,9 +207,9 @@ class ChatRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    n: int | None = None
+    n: int | None = Field(default=None, ge=1, le=16)
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
     response_format: ResponseFormat | None = None
     tools: list[Tool] | None = None
     tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
@@ -232,18 +257,8 @@ class ChatRequest(BaseModel):
 
     @model_validator(mode="after")
     def _unsupported(self) -> ChatRequest:
-        if self.n is not None and self.n != 1:
-            raise BadRequest("n > 1 is not supported; send one request per choice", param="n")
-        if self.logprobs:
-            raise BadRequest("logprobs are not supported", param="logprobs")
-        if self.top_logprobs:
-            raise BadRequest("top_logprobs are not supported", param="top_logprobs")
-        if self.response_format is not None and self.response_format.type != "text":
-            raise BadRequest(
-                f"response_format type {self.response_format.type!r} is not supported "
-                "(only 'text')",
-                param="response_format",
-            )
+        if self.top_logprobs and not self.logprobs:
+            raise BadRequest("top_logprobs needs logprobs: true", param="top_logprobs")
         named = isinstance(self.tool_choice, NamedToolChoice)
         if (named or self.tool_choice == "required") and not self.tools:
             raise BadRequest("tool_choice requires a non-empty 'tools' list", param="tool_choice")

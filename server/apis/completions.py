@@ -28,7 +28,8 @@ from server.api import sse_response, start_run, until_disconnected
 from server.apis.common import app_state, chat_request, guarded, parse_body
 from server.chat import ChatRun, Finish
 from server.errors import BadRequest, MlxdError
-from server.fold import fold
+from server.fold import fold_choices
+from server.logprobs import TokenLogprob
 from server.protocol import ChatRequest, StreamOptions, dumps, usage_dict
 from server.render import SYSTEM_FINGERPRINT
 
@@ -181,9 +182,14 @@ def chat_fields(req: CompletionRequest, extra_stops: list[str]) -> dict[str, Any
     """
     if req.best_of is not None and req.best_of != 1:
         raise BadRequest("best_of > 1 is not supported", param="best_of")
-    if req.logprobs is not None:
-        raise BadRequest("logprobs are not supported on /v1/completions yet", param="logprobs")
+    if req.logprobs is not None and req.echo:
+        raise BadRequest(
+            "logprobs with echo: the prompt's logprobs are not computed; send echo: false",
+            param="echo",
+        )
     data = {name: getattr(req, name) for name in SAMPLING_FIELDS}
+    if req.logprobs is not None:
+        data["logprobs"], data["top_logprobs"] = True, req.logprobs
     data["messages"] = [{"role": "user", "content": ""}]
     if extra_stops:
         stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
@@ -195,8 +201,32 @@ def to_chat_request(req: CompletionRequest, extra_stops: list[str]) -> ChatReque
     return chat_request(chat_fields(req, extra_stops))
 
 
-def _choice(text: str, finish: str | None) -> dict[str, Any]:
-    return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+class Logprobs:
+    """The legacy ``logprobs`` object of one choice: ``tokens``, ``token_logprobs``,
+    ``top_logprobs`` (token text → logprob, the ``logprobs`` most likely) and ``text_offset``
+    (where each token starts in the choice's text, the echoed prompt included)."""
+
+    def __init__(self, offset: int) -> None:
+        self.offset = offset
+
+    def next(self, entries: list[TokenLogprob]) -> dict[str, Any]:
+        """The object for these tokens, the ones after the previous call's."""
+        offsets = []
+        for entry in entries:
+            offsets.append(self.offset)
+            self.offset += len(entry.token)
+        return {
+            "tokens": [e.token for e in entries],
+            "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [{t.token: t.logprob for t in e.top} for e in entries],
+            "text_offset": offsets,
+        }
+
+
+def _choice(
+    text: str, finish: str | None, index: int = 0, logprobs: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
 
 
 class Envelope:
@@ -209,31 +239,45 @@ class Envelope:
             "system_fingerprint": SYSTEM_FINGERPRINT,
         }
 
-    def body(self, choices: list[dict[str, Any]], finish: Finish | None = None) -> dict[str, Any]:
+    def body(
+        self, choices: list[dict[str, Any]], finishes: list[Finish] | None = None
+    ) -> dict[str, Any]:
         out = {**self.head, "choices": choices}
-        if finish is not None:
-            u = finish.usage
-            out["usage"] = usage_dict(u.prompt_tokens, u.completion_tokens, u.cached_tokens)
+        if finishes:  # the prompt once, every choice's completion tokens
+            first = finishes[0].usage
+            completion = sum(f.usage.completion_tokens for f in finishes)
+            out["usage"] = usage_dict(first.prompt_tokens, completion, first.cached_tokens)
         return out
 
 
 async def completion(run: ChatRun, echo: str) -> dict[str, Any]:
-    folded = await fold(run)
-    choice = _choice(echo + folded.content, folded.finish.reason)
-    return Envelope(run).body([choice], folded.finish)
+    choices = await fold_choices(run)
+    with_logprobs = run.prepared.logprobs is not None
+    out = []
+    for i, c in enumerate(choices):
+        logprobs = Logprobs(len(echo)).next(c.logprobs) if with_logprobs else None
+        out.append(_choice(echo + c.content, c.finish.reason, i, logprobs))
+    return Envelope(run).body(out, [c.finish for c in choices])
 
 
 async def _chunks(run: ChatRun, echo: str, include_usage: bool) -> AsyncIterator[str]:
     env = Envelope(run)
+    n = len(run.requests)
     if echo:
-        yield dumps(env.body([_choice(echo, None)]))
+        for i in range(n):
+            yield dumps(env.body([_choice(echo, None, i)]))
+    with_logprobs = run.prepared.logprobs is not None
+    offsets = [Logprobs(len(echo)) for _ in range(n)]
+    finishes: list[Finish] = []
     async for event in run.events():
         if isinstance(event, Finish):
-            yield dumps(env.body([_choice("", event.reason)]))
-            if include_usage:
-                yield dumps(env.body([], event))
-        elif event.content:
-            yield dumps(env.body([_choice(event.content, None)]))
+            finishes.append(event)
+            yield dumps(env.body([_choice("", event.reason, event.index)]))
+            if include_usage and len(finishes) == n:
+                yield dumps(env.body([], finishes))
+        elif event.content or (with_logprobs and event.logprobs):
+            logprobs = offsets[event.index].next(event.logprobs) if with_logprobs else None
+            yield dumps(env.body([_choice(event.content, None, event.index, logprobs)]))
 
 
 async def stream(run: ChatRun, echo: str, include_usage: bool) -> AsyncIterator[str]:

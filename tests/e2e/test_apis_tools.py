@@ -17,7 +17,6 @@ import pytest
 from mlx_lm.utils import load_tokenizer
 
 from server.config import parse_models
-from server.parsers.forcing import forced_prefix
 from server.random_model import build_random_qwen3
 from tests.e2e.inproc import ScriptedEngine, serve_in_thread
 
@@ -45,10 +44,6 @@ class Setup:
 
     def script(self, *runs: list[str | int]) -> None:
         self.engine.scripts = list(runs)
-
-    def prefix_len(self, model: str, fmt: str, name: str | None) -> int:
-        tok = load_tokenizer(self.dirs[model])
-        return len(tok.encode(forced_prefix(fmt, name), add_special_tokens=False))  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="module")
@@ -138,16 +133,19 @@ def test_anthropic_thinking_blocks(setup: Setup, stream: bool) -> None:
 
 
 def test_anthropic_tool_choice_tool_and_any_are_enforced(setup: Setup) -> None:
-    skip = setup.prefix_len("qwen3-tiny", "json", "get_time")
-    setup.script([skip, '{"city": "Tokyo"}}\n</tool_call>'])
+    # The whole call is held to the named function's grammar; the script writes a valid one.
+    setup.script(
+        ['<tool_call>\n{"name": "get_time", "arguments": {"city": "Tokyo"}}\n</tool_call>']
+    )
     kw: Any = {"model": "qwen3-tiny", "max_tokens": 100, "tools": CLAUDE_TOOLS,
                "extra_body": GREEDY, "messages": [{"role": "user", "content": ASK}]}  # fmt: skip
     named = setup.claude.messages.create(tool_choice={"type": "tool", "name": "get_time"}, **kw)
     assert [(b.type, b.name, b.input) for b in named.content] == [  # type: ignore[union-attr]
         ("tool_use", "get_time", {"city": "Tokyo"})
     ]
-    skip = setup.prefix_len("qwen3-tiny", "json", None)
-    setup.script([skip, '{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>'])
+    setup.script(
+        ['<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>']
+    )
     anyone = setup.claude.messages.create(tool_choice={"type": "any"}, **kw)
     assert anyone.stop_reason == "tool_use"
     assert anyone.content[0].input == {"city": "Oslo"}  # type: ignore[union-attr]

@@ -17,7 +17,6 @@ import openai
 import pytest
 
 from server.config import parse_models
-from server.parsers.forcing import forced_prefix
 from server.random_model import build_random_qwen3
 from tests.e2e.inproc import ScriptedEngine, serve_in_thread
 
@@ -175,19 +174,12 @@ def test_output_ending_inside_reasoning_is_all_reasoning(setup: Any) -> None:
     assert out["content"] in (None, "")
 
 
-def _prefix_len(dirs: dict[str, Path], model: str, fmt: str, name: str | None) -> int:
-    from mlx_lm.utils import load_tokenizer
-
-    tok = load_tokenizer(dirs[model])
-    return len(tok.encode(forced_prefix(fmt, name), add_special_tokens=False))  # type: ignore[arg-type]
-
-
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
 def test_tool_choice_named_is_enforced(setup: Any, stream: bool) -> None:
-    """The server forces the call's opening with the chosen name; the script only finishes it."""
-    client, engine, dirs = setup
-    skip = _prefix_len(dirs, "qwen3-tiny", "json", "get_time")
-    engine.scripts = [[skip, '{"city": "Tokyo"}}\n</tool_call>']]
+    """The whole call is held to the named function's grammar; the script writes a valid one."""
+    client, engine, _ = setup
+    engine.scripts = [['<tool_call>\n{"name": "get_time", "arguments": {"city": "Tokyo"}}\n'
+                       "</tool_call>"]]  # fmt: skip
     choice = {"type": "function", "function": {"name": "get_time"}}
     out = ask(client, "qwen3-tiny", stream, tools=TOOLS, tool_choice=choice)
     assert [c["name"] for c in out["calls"]] == ["get_time"]
@@ -195,12 +187,11 @@ def test_tool_choice_named_is_enforced(setup: Any, stream: bool) -> None:
     assert out["finish"] == "tool_calls"
 
 
-def test_tool_choice_required_waits_for_reasoning_then_forces_a_call(setup: Any) -> None:
-    """Thinking model: it reasons first; the call's opening is forced right after </think>."""
-    client, engine, dirs = setup
-    forced = _prefix_len(dirs, "qwen36-tiny", "xml", None)
+def test_tool_choice_required_waits_for_reasoning_then_constrains_the_call(setup: Any) -> None:
+    """Thinking model: it reasons freely; only what follows </think> is held to the grammar."""
+    client, engine, _ = setup
     body = "<function=get_weather>\n<parameter=city>\nOslo\n</parameter>\n</function>\n</tool_call>"
-    engine.scripts = [["Need a tool.\n</think>", forced, body]]
+    engine.scripts = [["Need a tool.\n</think>\n\n<tool_call>\n" + body]]
     out = ask(client, "qwen36-tiny", False, tools=TOOLS, tool_choice="required")
     assert out["reasoning"] == "Need a tool."
     assert [c["name"] for c in out["calls"]] == ["get_weather"]

@@ -11,13 +11,16 @@ from server.config import parse_models
 from server.settings import Settings
 from tests.fakes import FakeEngine, tiny_model_dir
 
+TINY_CONTEXT = 2048
 AppFactory = Callable[..., tuple[httpx.AsyncClient, FakeEngine]]
 
 
 @pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     base = tmp_path_factory.mktemp("tiny-models")
-    return {name: tiny_model_dir(base / name) for name in ("alpha", "beta")}
+    # 2048 tokens: room for the tool definitions mlxd writes into the system prompt (the tiny
+    # tokenizer has no merges, one token per byte).
+    return {name: tiny_model_dir(base / name, context=TINY_CONTEXT) for name in ("alpha", "beta")}
 
 
 @pytest.fixture

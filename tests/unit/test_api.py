@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from tests.fakes import FakeEngine
+from tests.unit.conftest import TINY_CONTEXT
 
 pytestmark = pytest.mark.anyio
 
@@ -139,10 +140,10 @@ def _error(r: httpx.Response, status: int) -> dict[str, Any]:
         ({"model": "alpha", "messages": USER, "temperature": "hot"}, "temperature"),
         ({"model": "alpha", "messages": USER, "temperature": 3}, "temperature"),
         ({"model": "alpha", "messages": USER, "max_tokens": 0}, "max_tokens"),
-        ({"model": "alpha", "messages": USER, "n": 2}, "n"),
-        ({"model": "alpha", "messages": USER, "logprobs": True}, "logprobs"),
+        ({"model": "alpha", "messages": USER, "n": 0}, "n"),
+        ({"model": "alpha", "messages": USER, "top_logprobs": 2}, "top_logprobs"),
         ({"model": "alpha", "messages": USER, "response_format": {"type": "json_schema"}},
-         "response_format"),
+         "response_format.json_schema"),
         ({"model": "alpha", "messages": USER, "stop": ""}, "stop"),
         ({"model": "alpha", "messages": USER, "tool_choice": "required"}, "tool_choice"),
         ({"messages": USER}, "model"),
@@ -195,14 +196,15 @@ async def test_paths_are_never_loaded_from_requests(make_client: Client) -> None
 
 async def test_context_length_exceeded(make_client: Client) -> None:
     client = make_client(FakeEngine())
-    long = [{"role": "user", "content": "x" * 600}]  # the tiny model's context is 512
+    long = [{"role": "user", "content": "x" * (TINY_CONTEXT + 100)}]  # one token per byte
     err = _error(
         await client.post("/v1/chat/completions", json={"model": "alpha", "messages": long}), 400
     )
     assert err["code"] == "context_length_exceeded" and err["param"] == "messages"
     err = _error(
         await client.post(
-            "/v1/chat/completions", json={"model": "alpha", "messages": USER, "max_tokens": 600}
+            "/v1/chat/completions",
+            json={"model": "alpha", "messages": USER, "max_tokens": TINY_CONTEXT + 1},
         ),
         400,
     )

@@ -11,6 +11,7 @@ import pytest
 
 from server.engine import GenerationRequest
 from tests.fakes import FakeEngine
+from tests.unit.conftest import TINY_CONTEXT
 
 pytestmark = pytest.mark.anyio
 
@@ -271,9 +272,9 @@ async def test_a_claude_code_style_request(make_client: Client) -> None:
     )  # fmt: skip
     assert r.status_code == 200, r.text
     assert [n for n, _ in sse(r.text)][-2:] == ["message_delta", "message_stop"]
-    # Its fixed max_tokens is a cap: lowered to the room the 512-token context leaves.
+    # Its fixed max_tokens is a cap: lowered to the room the tiny model's context leaves.
     request = engine.requests[0]
-    assert request.max_tokens == 512 - len(request.prompt)
+    assert request.max_tokens == TINY_CONTEXT - len(request.prompt)
 
 
 async def test_every_api_applies_the_same_caller_rights(make_client: Client) -> None:

@@ -469,11 +469,15 @@ def test_completion_fields() -> None:
     fields = completions.chat_fields(req, ["<|endoftext|>"])
     assert fields["max_tokens"] == completions.DEFAULT_MAX_TOKENS
     assert fields["stop"] == ["\n", "<|endoftext|>"] and fields["seed"] == 3
-    with pytest.raises(BadRequest) as e:
+    fields = completions.chat_fields(
+        completions.CompletionRequest(model="m", prompt="x", logprobs=2), []
+    )
+    assert fields["logprobs"] is True and fields["top_logprobs"] == 2
+    with pytest.raises(BadRequest) as e:  # the prompt's own logprobs are not computed
         completions.chat_fields(
-            completions.CompletionRequest(model="m", prompt="x", logprobs=2), []
+            completions.CompletionRequest(model="m", prompt="x", logprobs=2, echo=True), []
         )
-    assert e.value.param == "logprobs"
+    assert e.value.param == "echo"
 
 
 # ---- Ollama -----------------------------------------------------------------------------------

@@ -1,114 +1,132 @@
-"""tool_choice enforcement: prefixes, forcing and banning processors, real Qwen tokens."""
+"""tool_choice / response_format enforcement: grammars, the grammar processor, real Qwen tokens.
+
+The grammars are checked against the exact text mlxd's chat template renders for tool calls (so
+the parser reads what the grammar lets out), and run inside mlx-lm's generation loop on a
+random-weight Qwen3: whatever the weights want, the output is a valid call.
+"""
 
 from __future__ import annotations
 
 import functools
+import json
 import tempfile
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
+import jsonschema
+import llguidance
 import mlx.core as mx
 import pytest
-from tokenizers import Tokenizer
 
+from server.errors import BadRequest
+from server.grammar import GrammarProcessor, compile_grammar, llg_tokenizer
 from server.parsers import HermesToolParser
 from server.parsers.forcing import (
     BanTokens,
-    PrefixForcer,
     ToolCallFormat,
-    forced_prefix,
+    answer_grammar,
+    calls_grammar,
+    closed,
+    named_tool,
+    open_call_grammar,
 )
-from server.random_model import (
-    VOCABS,
-    ScriptedLogits,
-    build_qwen_tokenizer,
-    qwen3_config,
-)
+from server.random_model import VOCABS, ScriptedLogits, build_qwen_tokenizer, qwen3_config
 
 VOCAB = 32
+WEATHER: Any = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+    "required": ["city"]}}}  # fmt: skip
+UNIT: Any = {"type": "function", "function": {"name": "set_unit", "parameters": {
+    "type": "object", "properties": {"unit": {"enum": ["c", "f"]}, "n": {"type": "integer",
+    "minimum": 0, "maximum": 9}}, "required": ["unit", "n"]}}}  # fmt: skip
+TOOLS = [WEATHER, UNIT]
+
+
+@functools.cache
+def tokenizer(vocab: str) -> Any:
+    """The real Qwen tokenizer (mlx-lm wrapper) with mlxd's template."""
+    from mlx_lm.utils import load_tokenizer
+
+    from server.random_model import write_chat_template
+
+    out = Path(tempfile.mkdtemp())
+    build_qwen_tokenizer(out, vocab)
+    write_chat_template(out)  # tool_call_format picks the call form when rendering
+    return load_tokenizer(out)
+
+
+def rendered_call(vocab: str, name: str, args: dict[str, Any], fmt: ToolCallFormat) -> str:
+    """A call exactly as the chat template writes it into history."""
+    tok = tokenizer(vocab)
+    history = [
+        {"role": "user", "content": "x"},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"id": "c", "type": "function", "function": {"name": name, "arguments": args}}]},
+    ]  # fmt: skip
+    text = tok.apply_chat_template(history, tokenize=False, tool_call_format=fmt)
+    start = text.index("<tool_call>")
+    return str(text[start : text.index("</tool_call>", start) + len("</tool_call>")])
+
+
+def accepts(vocab: str, lark: str, text: str) -> bool:
+    tok = tokenizer(vocab)
+    matcher = llguidance.LLMatcher(llg_tokenizer(tok), compile_grammar(tok, lark, "x"))
+    ids = tok.encode(text, add_special_tokens=False)
+    return matcher.try_consume_tokens(ids) == len(ids) and matcher.is_accepting()
+
+
+@pytest.mark.parametrize("vocab", sorted(VOCABS))
+@pytest.mark.parametrize("fmt", ["json", "xml"])
+def test_grammars_accept_what_the_template_renders(vocab: str, fmt: ToolCallFormat) -> None:
+    call = rendered_call(vocab, "get_weather", {"city": "Oslo", "days": 3}, fmt)
+    other = rendered_call(vocab, "set_unit", {"unit": "c", "n": 2}, fmt)
+    assert accepts(vocab, calls_grammar(TOOLS, fmt), call)
+    assert accepts(vocab, calls_grammar(TOOLS, fmt), call + "\n" + other)  # parallel calls
+    assert not accepts(vocab, calls_grammar(TOOLS, fmt, parallel=False), call + "\n" + other)
+    assert accepts(vocab, calls_grammar(named_tool(TOOLS, "set_unit"), fmt), other)
+    assert not accepts(vocab, calls_grammar(named_tool(TOOLS, "set_unit"), fmt), call)
+    assert accepts(vocab, calls_grammar(TOOLS, fmt, after_think=True), "\n\n" + call)
+    assert accepts(vocab, open_call_grammar(TOOLS, fmt), call[len("<tool_call>") :])
+    assert accepts(vocab, answer_grammar(None, tools=TOOLS, fmt=fmt), call)
 
 
 @pytest.mark.parametrize(
-    ("fmt", "name", "prefix"),
+    "bad",
     [
-        ("json", None, "<tool_call>\n"),
-        ("xml", None, "<tool_call>\n"),
-        ("json", "get_weather", '<tool_call>\n{"name": "get_weather", "arguments": '),
-        ("xml", "get_weather", "<tool_call>\n<function=get_weather>\n"),
-        ("json", 'odd"name', '<tool_call>\n{"name": "odd\\"name", "arguments": '),
+        '<tool_call>\n{"name": "get_weather", "arguments": 1}\n</tool_call>',
+        '<tool_call>\n{"name": "get_weather", "arguments": {"days": 2}}\n</tool_call>',
+        '<tool_call>\n{"name": "nope", "arguments": {}}\n</tool_call>',
+        '<tool_call>\n{"name": "set_unit", "arguments": {"unit": "k", "n": 2}}\n</tool_call>',
+        '<tool_call>\n{"name": "set_unit", "arguments": {"unit": "c", "n": 2, "x": 1}}\n'
+        "</tool_call>",
+        "Sure! " + '<tool_call>\n{"name": "get_weather", "arguments": {"city": "a"}}\n</tool_call>',
     ],
-    ids=["json-required", "xml-required", "json-named", "xml-named", "json-name-escaped"],
+    ids=["args-not-object", "missing-required", "unknown-name", "enum", "extra-key", "text-first"],
 )
-def test_forced_prefix(fmt: ToolCallFormat, name: str | None, prefix: str) -> None:
-    assert forced_prefix(fmt, name) == prefix
+def test_calls_grammar_rejects_invalid_calls(bad: str) -> None:
+    assert not accepts("qwen3", calls_grammar(TOOLS, "json"), bad)
 
 
-def drive(
-    processor: PrefixForcer, prompt: list[int], free: list[int]
-) -> tuple[dict[int, int], list[bool]]:
-    """Generate len(free) tokens: the forced one where the processor forces, else free[step].
-
-    Returns {step: forced token} and, per step, whether the processor had declared itself done.
-    """
-    tokens = list(prompt)
-    forced: dict[int, int] = {}
-    done = []
-    for step, token in enumerate(free):
-        logits = mx.random.normal((1, VOCAB), key=mx.random.key(step)).astype(mx.bfloat16)
-        out = processor(mx.array(tokens), logits)
-        assert out.shape == logits.shape and out.dtype == logits.dtype
-        finite = mx.isfinite(out[0])
-        if finite.sum().item() == 1:
-            token = cast(int, mx.argmax(finite).item())
-            forced[step] = token
-            assert out[0, token].item() == 0
-        else:
-            assert mx.array_equal(out, logits).item()
-        done.append(processor.done)
-        tokens.append(token)
-    return forced, done
+def test_answer_grammar_and_unsupported_keywords() -> None:
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    assert accepts("qwen3", answer_grammar(schema), '{"a": 5}')
+    assert not accepts("qwen3", answer_grammar(schema), '{"a": 5, "b": 1}')  # closed
+    assert not accepts("qwen3", answer_grammar(schema), '{"a": "5"}')
+    assert accepts("qwen3", answer_grammar(None), '{"any": [1, {"b": null}]}')
+    with pytest.raises(BadRequest, match="'not'") as err:
+        compile_grammar(tokenizer("qwen3"), answer_grammar({"not": {"type": "string"}}), "rf")
+    assert err.value.param == "rf"
 
 
-PREFIX = [3, 9, 4]
-FORCER_CASES = [
-    # (id, prompt, wait_for, generated without forcing, {step: forced token})
-    ("from-first-token", [1, 2], None, [5] * 8, {0: 3, 1: 9, 2: 4}),
-    ("after-wait", [1, 2], [20, 21], [5, 20, 21, 0, 0, 0, 7, 20, 21, 8, 5, 5], {3: 3, 4: 9, 5: 4}),
-    ("wait-at-first-step", [1, 2], [20], [20, 0, 0, 0, 5, 5, 5], {1: 3, 2: 9, 3: 4}),
-    ("wait-only-in-prompt", [20, 21], [20, 21], [5, 6, 7, 8, 9, 10], {}),
-    ("wait-straddles-prompt", [1, 20], [20, 21], [21, 5, 6, 7, 8], {}),
-    ("wait-interrupted", [1], [20, 21], [20, 5, 21, 20, 6, 21, 7, 8], {}),
-]
-
-
-@pytest.mark.parametrize(
-    ("prompt", "wait_for", "free", "forced"),
-    [c[1:] for c in FORCER_CASES],
-    ids=[c[0] for c in FORCER_CASES],
-)
-@pytest.mark.parametrize("give_prompt_len", [True, False], ids=["prompt-len", "first-call"])
-def test_prefix_forcer(
-    prompt: list[int],
-    wait_for: list[int] | None,
-    free: list[int],
-    forced: dict[int, int],
-    give_prompt_len: bool,
-) -> None:
-    forcer = PrefixForcer(PREFIX, len(prompt) if give_prompt_len else None, wait_for)
-    got, done = drive(forcer, prompt, free)
-    assert got == forced
-    if forced:
-        last = max(forced)
-        # Done is learnt at once without waiting, two steps late while waiting for a sequence.
-        first_done = last + 1 if wait_for is None else last + 2
-        assert done == [step >= first_done for step in range(len(free))]
-
-
-def test_prefix_forcer_rejects_empty_sequences() -> None:
-    with pytest.raises(ValueError):
-        PrefixForcer([], 3)
-    with pytest.raises(ValueError):
-        PrefixForcer([1], 3, wait_for=[])
+def test_closed_keeps_explicit_choices() -> None:
+    schema = {"type": "object", "properties": {"a": {"type": "object", "properties": {}},
+              "b": {"type": "object", "properties": {}, "additionalProperties": True}},
+              "$defs": {"d": {"properties": {"x": {}}}}}  # fmt: skip
+    out = closed(schema)
+    assert out["additionalProperties"] is False
+    assert out["properties"]["a"]["additionalProperties"] is False
+    assert out["properties"]["b"]["additionalProperties"] is True
+    assert out["$defs"]["d"]["additionalProperties"] is False
 
 
 def test_ban_tokens() -> None:
@@ -124,60 +142,77 @@ def test_ban_tokens() -> None:
         BanTokens([])
 
 
-# --------------------------------------------------------------------------- real Qwen tokens
-
-
-@functools.cache
-def qwen_tokenizer(vocab: str) -> Tokenizer:
-    """The real Qwen tokenizer; its build is cached in mlxd's default cache dir."""
-    with tempfile.TemporaryDirectory() as out:
-        build_qwen_tokenizer(Path(out), vocab)
-        return Tokenizer.from_file(str(Path(out) / "tokenizer.json"))
-
-
-@pytest.mark.parametrize("vocab", sorted(VOCABS))
-@pytest.mark.parametrize(
-    ("fmt", "name"),
-    [("json", None), ("json", "get_weather"), ("xml", "get_weather"), ("xml", "write_file")],
-    ids=["required", "json-named", "xml-named", "xml-named-other"],
-)
-def test_prefix_tokens_round_trip(vocab: str, fmt: ToolCallFormat, name: str | None) -> None:
-    tokenizer = qwen_tokenizer(vocab)
-    prefix = forced_prefix(fmt, name)
-    ids = tokenizer.encode(prefix, add_special_tokens=False).ids
-    assert ids[0] == VOCABS[vocab].token_id("<tool_call>")
-    assert tokenizer.decode(ids, skip_special_tokens=False) == prefix
-    assert tokenizer.encode("</think>", add_special_tokens=False).ids == [
-        VOCABS[vocab].token_id("</think>")
-    ]
-
-
-def test_forced_call_through_mlx_lm_generation() -> None:
-    """mlx-lm's pipelined loop, Qwen3.6 vocabulary with the prompt opening the reasoning:
-    the model thinks (scripted), then the named call is forced, then it runs free."""
+def generate(vocab: str, prompt: str, processors: list[Any], max_tokens: int) -> str:
+    """mlx-lm's own pipelined loop on a random-weight Qwen3; returns the generated text."""
     from mlx_lm.generate import generate_step
     from mlx_lm.models.qwen3 import Model, ModelArgs
 
-    vocab = VOCABS["qwen3_6"]
-    tokenizer = qwen_tokenizer(vocab.name)
+    tok = tokenizer(vocab)
+    mx.random.seed(0)
+    model = Model(ModelArgs.from_dict(qwen3_config("tiny", vocab, dtype="float32")))
+    ids = tok.encode(prompt, add_special_tokens=False)
+    eos = set(tok.eos_token_ids)
+    out: list[int] = []
+    steps = generate_step(mx.array(ids), model, max_tokens=max_tokens, logits_processors=processors)
+    for token, _ in steps:
+        if cast(int, token) in eos:
+            break
+        out.append(cast(int, token))
+    return str(tok.decode(out, skip_special_tokens=False))
 
-    def encode(text: str) -> list[int]:
-        return list(tokenizer.encode(text, add_special_tokens=False).ids)
 
-    model = Model(ModelArgs.from_dict(qwen3_config("tiny", vocab.name, dtype="float32")))
-    prompt = encode("<|im_start|>user\nWeather?<|im_end|>\n<|im_start|>assistant\n<think>\n")
-    thinking = encode("Use the tool.\n</think>\n\n")
-    prefix = encode(forced_prefix("xml", "get_weather"))
-    forcer = PrefixForcer(prefix, len(prompt), wait_for=encode("</think>\n\n"))
-    steps = generate_step(
-        mx.array(prompt),
-        model,
-        max_tokens=len(thinking) + len(prefix) + 3,
-        logits_processors=[ScriptedLogits(thinking), forcer],
+def parsed_calls(text: str) -> list[tuple[str, dict[str, Any]]]:
+    parser = HermesToolParser(tools=TOOLS)
+    first, last = parser.feed(text), parser.finish()
+    deltas = first.calls + last.calls
+    names = {d.index: d.name for d in deltas if d.name}
+    args: dict[int, str] = {}
+    for d in deltas:
+        args[d.index] = args.get(d.index, "") + d.arguments
+    return [(names[i], json.loads(args[i])) for i in sorted(names)]
+
+
+@pytest.mark.parametrize("vocab", sorted(VOCABS))
+def test_random_weights_write_a_valid_call_after_thinking(vocab: str) -> None:
+    """The model reasons (scripted, unconstrained), then the named call is forced by grammar."""
+    tok = tokenizer(vocab)
+    fmt: ToolCallFormat = "xml" if vocab != "qwen3" else "json"
+    thinking = tok.encode("Use the tool.\n</think>", add_special_tokens=False)
+    grammar = compile_grammar(
+        tok,
+        calls_grammar(named_tool(TOOLS, "set_unit"), fmt, parallel=False, after_think=True),
+        "tools",
     )
-    generated = [cast(int, token) for token, _ in steps]  # typed as arrays, yielded as ints
-    assert generated[: len(thinking) + len(prefix)] == thinking + prefix
-    assert forcer.done
-    text = tokenizer.decode(generated[len(thinking) :], skip_special_tokens=False)
-    first = HermesToolParser().feed(text)
-    assert [(d.index, d.name) for d in first.calls] == [(0, "get_weather")]
+    processor = GrammarProcessor(tok, grammar, trigger="</think>", budget=80)
+    prompt = "<|im_start|>user\nUnit?<|im_end|>\n<|im_start|>assistant\n<think>\n"
+    text = generate(vocab, prompt, [ScriptedLogits(thinking), processor], 80)
+    assert text.startswith("Use the tool.\n</think>")
+    calls = parsed_calls(text.split("</think>", 1)[1])
+    assert [name for name, _ in calls] == ["set_unit"]
+    jsonschema.validate(calls[0][1], UNIT["function"]["parameters"])
+    assert processor.failed is None
+
+
+def test_auto_lets_text_through_and_finishes_an_opened_call() -> None:
+    tok = tokenizer("qwen3")
+    grammar = compile_grammar(tok, open_call_grammar([UNIT], "json"), "tools")
+    processor = GrammarProcessor(tok, grammar, trigger="<tool_call>", rearm=True, budget=60)
+    opening = tok.encode("Let me check.<tool_call>", add_special_tokens=False)
+    prompt = "<|im_start|>user\nUnit?<|im_end|>\n<|im_start|>assistant\n"
+    text = generate("qwen3", prompt, [ScriptedLogits(opening), processor], 60)
+    assert text.startswith("Let me check.<tool_call>")
+    calls = parsed_calls(text)
+    assert calls and calls[0][0] == "set_unit"
+    jsonschema.validate(calls[0][1], UNIT["function"]["parameters"])
+
+
+def test_json_is_wound_up_before_the_budget_ends() -> None:
+    """Random weights under an open-ended schema: the answer still closes within max_tokens."""
+    tok = tokenizer("qwen3")
+    schema = {"type": "object", "properties": {"notes": {"type": "array", "items": {
+        "type": "object", "properties": {"text": {"type": "string"}}}}}}  # fmt: skip
+    grammar = compile_grammar(tok, answer_grammar(schema), "response_format")
+    for budget in (12, 30):
+        text = generate("qwen3", "<|im_start|>assistant\n", [GrammarProcessor(
+            tok, grammar, budget=budget)], budget)  # fmt: skip
+        jsonschema.validate(json.loads(text), schema)

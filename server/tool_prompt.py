@@ -1,0 +1,70 @@
+"""Tool definitions in the system prompt, for chat templates that drop ``tools``.
+
+Many chat templates (SmolLM2's among them) ignore the ``tools`` argument: the model would never
+learn which functions exist. mlxd finds out by rendering a probe conversation with and without a
+probe tool; when the two renderings are equal it writes the definitions and the call format
+(Hermes JSON inside ``<tool_call>``) into the system message itself, and logs that once per model.
+Constrained decoding then holds the model to that format.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+log = logging.getLogger("mlxd.tools")
+
+_PROBE_TOOL = {"type": "function", "function": {
+    "name": "mlxd_probe_tool", "description": "probe",
+    "parameters": {"type": "object", "properties": {}}}}  # fmt: skip
+_ignores: dict[str, bool] = {}
+
+
+def template_ignores_tools(tokenizer: Any, model_id: str) -> bool:
+    """True when the model's chat template renders the same prompt with and without tools."""
+    known = _ignores.get(model_id)
+    if known is not None:
+        return known
+    probe = [{"role": "user", "content": "x"}]
+    try:
+        plain = tokenizer.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)
+        tooled = tokenizer.apply_chat_template(
+            probe, tools=[_PROBE_TOOL], tokenize=False, add_generation_prompt=True
+        )
+        ignores = plain == tooled
+    except Exception:  # a template that fails on tools cannot render them either
+        ignores = True
+    if ignores:
+        log.info(
+            "model %s: its chat template ignores tools; mlxd puts tool definitions and the "
+            "<tool_call> format into the system prompt",
+            model_id,
+        )
+    _ignores[model_id] = ignores
+    return ignores
+
+
+def tools_instructions(tools: Sequence[Mapping[str, Any]]) -> str:
+    """The system-prompt text that describes `tools` and the Hermes JSON call format."""
+    listed = "\n".join(json.dumps(t, ensure_ascii=False) for t in tools)
+    return (
+        "# Tools\n\nYou may call one or more functions to help with the user's request. "
+        f"The functions are described inside <tools></tools>:\n<tools>\n{listed}\n</tools>\n\n"
+        "To call a function, answer with one block per call, each holding a JSON object with "
+        "the function name and its arguments:\n<tool_call>\n"
+        '{"name": "<function name>", "arguments": {"<parameter>": <value>}}\n</tool_call>'
+    )
+
+
+def with_tools_in_system(
+    messages: list[dict[str, Any]], tools: Sequence[Mapping[str, Any]]
+) -> list[dict[str, Any]]:
+    """`messages` with the tool instructions appended to (or forming) the system message."""
+    text = tools_instructions(tools)
+    if messages and messages[0]["role"] == "system":
+        first = dict(messages[0])
+        first["content"] = f"{first['content']}\n\n{text}" if first["content"] else text
+        return [first, *messages[1:]]
+    return [{"role": "system", "content": text}, *messages]
