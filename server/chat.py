@@ -98,7 +98,6 @@ class Prepared:
 
     entry: ModelEntry
     prompt: list[int]
-    prompt_text: str
     max_tokens: int
     sampling: SamplingParams
     stops: list[str]
@@ -482,7 +481,6 @@ class ChatService:
         return Prepared(
             entry=entry,
             prompt=prompt,
-            prompt_text=prompt_text,
             max_tokens=max_tokens,
             sampling=sampling,
             stops=request.stop_list,

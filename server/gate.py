@@ -372,7 +372,6 @@ class PressureMonitor:
         self.on_clear = on_clear
         self.interval = interval
         self._task: asyncio.Task[None] | None = None
-        self.red_since: float | None = None
         self.red_streak = 0
         self.actions: dict[str, int] = {}  # how often each action was taken, for /health
 
@@ -405,7 +404,6 @@ class PressureMonitor:
         if action is Action.RESUME:
             log.info("memory pressure back to green: admitting again")
             self.gate.paused_by_pressure = False
-            self.red_since = None
             self.on_clear()
         elif action is Action.PAUSE:
             if not self.gate.paused_by_pressure:
@@ -413,7 +411,6 @@ class PressureMonitor:
             self.gate.paused_by_pressure = True
         elif action is Action.EVICT:
             log.warning("memory pressure red (%s): not admitting, evicting the prefix cache", why)
-            self.red_since = time.monotonic()
             self.gate.paused_by_pressure = True
             self.gate.evictions += 1
             self.gate.evict_prefix_cache()

@@ -350,10 +350,6 @@ def completion_id() -> str:
     return f"chatcmpl-{uuid.uuid4().hex[:24]}"
 
 
-def tool_call_id() -> str:
-    return f"call_{uuid.uuid4().hex[:24]}"
-
-
 def now() -> int:
     return int(time.time())
 
