@@ -123,11 +123,11 @@ test: dev openblas chromium
 bench: dev openblas
 	@dir=$$($(MLXD) pull | sed -n 's/^[^:]*: //p' | head -1); \
 	$(MLXD) bench --model-dir "$$dir" --spawn-mlxd \
-	  --spawn "mlxd-nocache={python} -m server serve --config {config} --port {port} --preload --prefix-cache 0" \
+	  --spawn "mlxd-nocache={python} -m mlxd serve --config {config} --port {port} --preload --prefix-cache 0" \
 	  --spawn-mlx-lm $(BENCH_ARGS); \
-	$(PY) -m server.bench.structured --model-dir "$$dir" \
+	$(PY) -m mlxd.bench.structured --model-dir "$$dir" \
 	  --out "bench/results/$$(date +%Y-%m-%d)-structured-$$(basename "$$dir")"; \
-	$(PY) -m server.bench.memory --model-dir "$$dir" --out bench/results/$$(date +%F)-memory \
+	$(PY) -m mlxd.bench.memory --model-dir "$$dir" --out bench/results/$$(date +%F)-memory \
 	  --lengths 16,256,1000,2100,3000 --max-tokens 8 --stress 64,512,1024,2100,3000 --budget 0.8GB
 
 lint: dev

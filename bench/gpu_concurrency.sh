@@ -35,12 +35,12 @@ CHECK
 
 if [ ! -f "$model/config.json" ]; then
   echo "building random-weight Qwen3 $shape 4-bit in $model"
-  "$py" -m server random-model --shape "$shape" --bits 4 --out "$model"
+  "$py" -m mlxd random-model --shape "$shape" --bits 4 --out "$model"
 fi
 mkdir -p "$out"
 # shellcheck disable=SC2086
-"$py" -m server.bench --model-dir "$model" \
-  --spawn "mlxd={python} -m server serve --config {config} --port {port} --preload --memory-budget $budget" \
+"$py" -m mlxd.bench --model-dir "$model" \
+  --spawn "mlxd={python} -m mlxd serve --config {config} --port {port} --preload --memory-budget $budget" \
   --spawn-mlx-lm \
   --scenarios cold,warm,concurrency,join --repeats 3 --group-repeats 1 \
   --concurrency "${STREAMS:-1,4,8,16}" --concurrency-tokens "${TOKENS:-128}" \

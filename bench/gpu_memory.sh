@@ -34,7 +34,7 @@ has() { [[ ",$PARTS," == *",$1,"* ]]; }
 
 build() {
   local name=$1; shift
-  [ -f "$WORK/models/$name/config.json" ] || "$PY" -m server random-model --out "$WORK/models/$name" "$@"
+  [ -f "$WORK/models/$name/config.json" ] || "$PY" -m mlxd random-model --out "$WORK/models/$name" "$@"
 }
 build qwen3-8b-4bit --shape 8B --bits 4 --dtype bfloat16
 if has estimate; then
@@ -42,12 +42,12 @@ if has estimate; then
   build qwen3-0.6b-bf16 --shape 0.6B --dtype bfloat16
   for m in $MODELS; do
     # The calibration is stored under WORK/home and reused by the stress servers below.
-    "$PY" -m server.bench.memory --model-dir "$WORK/models/$m" --out "$WORK/$m" \
+    "$PY" -m mlxd.bench.memory --model-dir "$WORK/models/$m" --out "$WORK/$m" \
       --home "$WORK/home" --lengths "$LENGTHS" --max-tokens 32
   done
 fi
 if has stress; then
-  "$PY" -m server.bench.memory --model-dir "$WORK/models/qwen3-8b-4bit" \
+  "$PY" -m mlxd.bench.memory --model-dir "$WORK/models/qwen3-8b-4bit" \
     --out "$WORK/stress-qwen3-8b-4bit" --home "$WORK/home" --stress "$STRESS" --budget "$BUDGET"
 fi
 

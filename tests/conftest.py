@@ -18,11 +18,11 @@ from typing import Any
 
 import pytest
 
-from server.config import REPO_ROOT, load_models
-from server.localnet import NotReady, free_port, wait_until_ready
-from server.registry import Registry
-from server.settings import Settings
-from server.sources import ModelSources
+from mlxd.config import REPO_ROOT, load_models
+from mlxd.localnet import NotReady, free_port, wait_until_ready
+from mlxd.registry import Registry
+from mlxd.settings import Settings
+from mlxd.sources import ModelSources
 
 
 @pytest.fixture(scope="session")
@@ -69,7 +69,7 @@ def run_server(
 ) -> Iterator[RunningServer]:
     """Start ``mlxd serve`` with ``args`` and wait until /health answers."""
     port = free_port()
-    cmd = [sys.executable, "-m", "server", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    cmd = [sys.executable, "-m", "mlxd", "serve", "--host", "127.0.0.1", "--port", str(port)]
     full_env = {**os.environ, **(env or {})}
     with log.open("wb") as out:
         proc = subprocess.Popen(

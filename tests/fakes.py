@@ -15,7 +15,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from server.engine import GenerationChunk, GenerationRequest, LoadedModel
+from mlxd.engine import GenerationChunk, GenerationRequest, LoadedModel
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
@@ -85,7 +85,7 @@ class FakeEngine:
     async def load(self, path: Path, *, prewarm: bool = True) -> LoadedModel:
         await asyncio.sleep(0)
         if path.name in self.fail_load:
-            from server.errors import ModelLoadFailed
+            from mlxd.errors import ModelLoadFailed
 
             raise ModelLoadFailed(f"cannot load {path}: corrupt")
         self.events.append(f"load:{path.name}")
@@ -118,7 +118,7 @@ class FakeEngine:
         model = self.loaded_path.name if self.loaded_path else "?"
         self.events.append(f"generate:{model}")
         if self.fail_generate:
-            from server.errors import EngineFailure
+            from mlxd.errors import EngineFailure
 
             raise EngineFailure("generation failed: boom")
         pieces = self.responder(request)

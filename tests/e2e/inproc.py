@@ -15,12 +15,12 @@ from typing import Any
 import mlx.core as mx
 import uvicorn
 
-from server.app import create_app
-from server.config import ModelsFile
-from server.engine import GenerationChunk, GenerationRequest, MLXEngine
-from server.localnet import free_port, wait_until_ready
-from server.random_model import ScriptedLogits
-from server.settings import Settings
+from mlxd.app import create_app
+from mlxd.config import ModelsFile
+from mlxd.engine import GenerationChunk, GenerationRequest, MLXEngine
+from mlxd.localnet import free_port, wait_until_ready
+from mlxd.random_model import ScriptedLogits
+from mlxd.settings import Settings
 
 Segment = str | int  # text to force, or a number of steps left to the model (and the server)
 

@@ -12,7 +12,7 @@ import ollama
 import openai
 import pytest
 
-from server.config import REPO_ROOT
+from mlxd.config import REPO_ROOT
 from tests.conftest import RunningServer, run_server
 
 pytestmark = pytest.mark.e2e
@@ -24,7 +24,7 @@ GREEDY = {"temperature": 0}
 
 @pytest.fixture(scope="module")
 def server(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    log = tmp_path_factory.mktemp("apis-smollm2") / "server.log"
+    log = tmp_path_factory.mktemp("apis-smollm2") / "mlxd.log"
     with run_server(["--config", str(REPO_ROOT / "models.yaml")], log) as running:
         yield running
 

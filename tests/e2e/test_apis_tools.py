@@ -16,8 +16,8 @@ import openai
 import pytest
 from mlx_lm.utils import load_tokenizer
 
-from server.config import parse_models
-from server.random_model import build_random_qwen3
+from mlxd.config import parse_models
+from mlxd.random_model import build_random_qwen3
 from tests.e2e.inproc import ScriptedEngine, serve_in_thread
 
 pytestmark = pytest.mark.e2e

@@ -16,9 +16,9 @@ import httpx
 import openai
 import pytest
 
-from server.config import parse_models
-from server.engine import GenerationChunk, GenerationRequest, MLXEngine
-from server.random_model import build_random_qwen3
+from mlxd.config import parse_models
+from mlxd.engine import GenerationChunk, GenerationRequest, MLXEngine
+from mlxd.random_model import build_random_qwen3
 from tests.e2e.inproc import Script, serve_in_thread
 
 pytestmark = pytest.mark.e2e

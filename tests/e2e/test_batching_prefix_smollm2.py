@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from server.engine import GenerationChunk, GenerationRequest, MLXEngine, SamplingParams
+from mlxd.engine import GenerationChunk, GenerationRequest, MLXEngine, SamplingParams
 
 pytestmark = pytest.mark.e2e
 

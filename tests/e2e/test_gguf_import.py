@@ -19,7 +19,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.sample_utils import make_sampler
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-from server.gguf import (
+from mlxd.gguf import (
     MARKER_NAME,
     check_tensor_data,
     import_gguf,

@@ -28,8 +28,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from server.config import REPO_ROOT
-from server.localnet import free_port
+from mlxd.config import REPO_ROOT
+from mlxd.localnet import free_port
 from tests.conftest import RunningServer, run_server
 
 pytestmark = pytest.mark.e2e
@@ -66,7 +66,7 @@ def _low_file_limit() -> None:
 
 @pytest.fixture(scope="module")
 def server(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    log = tmp_path_factory.mktemp("hostile") / "server.log"
+    log = tmp_path_factory.mktemp("hostile") / "mlxd.log"
     args = ["--config", str(REPO_ROOT / "models.yaml"), "--api-key", KEY, "--header-timeout", "1"]
     env = {"MLXD_QUEUE_SIZE": "2", "MLXD_MAX_CONCURRENCY": "2"}
     with run_server(args, log, env=env, preexec_fn=_low_file_limit) as running:
@@ -213,7 +213,7 @@ def test_web_pages_cannot_reach_it(server: RunningServer, http: httpx.Client) ->
 
 
 def test_non_loopback_bind_without_key_refuses_to_start(tmp_path: Path) -> None:
-    cmd = [sys.executable, "-m", "server", "serve", "--host", "0.0.0.0", "--port",
+    cmd = [sys.executable, "-m", "mlxd", "serve", "--host", "0.0.0.0", "--port",
            str(free_port()), "--config", str(REPO_ROOT / "models.yaml")]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
     assert done.returncode == 2
@@ -541,7 +541,7 @@ def test_sigterm_drains_then_ends_streams_with_done(smollm2_dir: Path, tmp_path:
     """A short stream finishes in full; a long one is ended at the drain timeout with a final
     chunk and [DONE]; a non-streaming one queued behind it gets a JSON error; the process exits."""
     args = ["--config", str(REPO_ROOT / "models.yaml"), "--drain-timeout", "8"]
-    with run_server(args, tmp_path / "server.log") as srv:
+    with run_server(args, tmp_path / "mlxd.log") as srv:
         url = f"{srv.url}/chat/completions"
         out: dict[str, Any] = {}
 

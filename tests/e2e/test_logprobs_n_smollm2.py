@@ -16,8 +16,8 @@ import mlx.core as mx
 import openai
 import pytest
 
-from server.config import parse_models
-from server.engine import GenerationChunk, GenerationRequest, MLXEngine
+from mlxd.config import parse_models
+from mlxd.engine import GenerationChunk, GenerationRequest, MLXEngine
 from tests.e2e.inproc import serve_in_thread
 
 pytestmark = pytest.mark.e2e

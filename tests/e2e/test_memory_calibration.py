@@ -19,11 +19,11 @@ import httpx
 import pytest
 import yaml
 
-from server.bench.runner import PromptBook
-from server.calibrate import CalibrationStore, Calibrator, measure
-from server.estimate import ModelProfile, estimate_request, measure_loaded
-from server.memory import format_size
-from server.random_model import build_random_qwen3
+from mlxd.bench.runner import PromptBook
+from mlxd.calibrate import CalibrationStore, Calibrator, measure
+from mlxd.estimate import ModelProfile, estimate_request, measure_loaded
+from mlxd.memory import format_size
+from mlxd.random_model import build_random_qwen3
 from tests.conftest import RunningServer, run_server
 
 pytestmark = pytest.mark.e2e

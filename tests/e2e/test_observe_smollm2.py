@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 
-from server.config import REPO_ROOT
+from mlxd.config import REPO_ROOT
 from tests.conftest import RunningServer, run_server
 from tests.e2e.chromium import chromium_path, open_page
 from tests.promtext import Samples, parse, value
@@ -29,7 +29,7 @@ SYSTEM = "You are a terse assistant. " + " ".join(
 
 @pytest.fixture(scope="module")
 def server(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    log = tmp_path_factory.mktemp("observe-server") / "server.log"
+    log = tmp_path_factory.mktemp("observe-server") / "mlxd.log"
     args = ["--config", str(REPO_ROOT / "models.yaml"), "--preload", "--log-format", "json"]
     with run_server(args, log) as running:
         yield running

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from mlx_lm.utils import load_tokenizer
 
-from server.engine import GenerationRequest, MLXEngine, SamplingParams
+from mlxd.engine import GenerationRequest, MLXEngine, SamplingParams
 
 pytestmark = pytest.mark.e2e
 

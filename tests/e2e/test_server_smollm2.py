@@ -11,7 +11,7 @@ import openai
 import pytest
 from mlx_lm.utils import load_tokenizer
 
-from server.config import REPO_ROOT
+from mlxd.config import REPO_ROOT
 from tests.conftest import RunningServer, run_server
 
 pytestmark = pytest.mark.e2e
@@ -21,7 +21,7 @@ FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 
 @pytest.fixture(scope="module")
 def server(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    log = tmp_path_factory.mktemp("smollm2-server") / "server.log"
+    log = tmp_path_factory.mktemp("smollm2-server") / "mlxd.log"
     with run_server(["--config", str(REPO_ROOT / "models.yaml")], log) as running:
         yield running
 

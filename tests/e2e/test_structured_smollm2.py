@@ -18,7 +18,7 @@ import openai
 import pytest
 from pydantic import BaseModel, Field
 
-from server.config import REPO_ROOT
+from mlxd.config import REPO_ROOT
 from tests.conftest import RunningServer, run_server
 
 pytestmark = pytest.mark.e2e
@@ -54,7 +54,7 @@ PARIS = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 @pytest.fixture(scope="module")
 def server(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    log = tmp_path_factory.mktemp("smollm2-structured") / "server.log"
+    log = tmp_path_factory.mktemp("smollm2-structured") / "mlxd.log"
     with run_server(["--config", str(REPO_ROOT / "models.yaml")], log) as running:
         yield running
 

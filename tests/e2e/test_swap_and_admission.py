@@ -18,9 +18,9 @@ import openai
 import pytest
 import yaml
 
-from server.estimate import weights_bytes
-from server.memory import format_size
-from server.random_model import build_random_qwen3
+from mlxd.estimate import weights_bytes
+from mlxd.memory import format_size
+from mlxd.random_model import build_random_qwen3
 from tests.conftest import RunningServer, run_server
 
 pytestmark = pytest.mark.e2e
@@ -61,7 +61,7 @@ def server(
 ) -> Iterator[RunningServer]:
     tmp = tmp_path_factory.mktemp("swap-server")
     config = write_config(tmp / "models.yaml", model_dirs)
-    with run_server(["--config", str(config)], tmp / "server.log") as running:
+    with run_server(["--config", str(config)], tmp / "mlxd.log") as running:
         yield running
 
 
@@ -125,7 +125,7 @@ def test_budget_below_need_refuses_that_model_only(
     config = write_config(tmp_path / "models.yaml", model_dirs)
     # SmolLM2 needs ~0.6 GB at float32; the tiny Qwen needs a few MB.
     args = ["--config", str(config), "--memory-budget", "300MB"]
-    with run_server(args, tmp_path / "server.log") as srv:
+    with run_server(args, tmp_path / "mlxd.log") as srv:
         with pytest.raises(openai.BadRequestError) as info:
             chat(srv.url, "smollm2")
         err = info.value.body

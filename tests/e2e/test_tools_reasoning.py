@@ -16,8 +16,8 @@ from typing import Any
 import openai
 import pytest
 
-from server.config import parse_models
-from server.random_model import build_random_qwen3
+from mlxd.config import parse_models
+from mlxd.random_model import build_random_qwen3
 from tests.e2e.inproc import ScriptedEngine, serve_in_thread
 
 pytestmark = pytest.mark.e2e

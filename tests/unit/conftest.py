@@ -6,9 +6,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from server.app import create_app
-from server.config import parse_models
-from server.settings import Settings
+from mlxd.app import create_app
+from mlxd.config import parse_models
+from mlxd.settings import Settings
 from tests.fakes import FakeEngine, tiny_model_dir
 
 TINY_CONTEXT = 2048

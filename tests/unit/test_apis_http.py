@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 import pytest
 
-from server.engine import GenerationRequest
+from mlxd.engine import GenerationRequest
 from tests.fakes import FakeEngine
 from tests.unit.conftest import TINY_CONTEXT
 

@@ -6,12 +6,12 @@ from typing import Any
 
 import pytest
 
-from server.apis import anthropic, completions, ollama, responses
-from server.apis.common import BlockEvent, Blocks, Call
-from server.chat import Delta, Finish, Usage
-from server.config import ConfigError, parse_models
-from server.errors import BadRequest, NotFound
-from server.parsers.base import ToolCallDelta
+from mlxd.apis import anthropic, completions, ollama, responses
+from mlxd.apis.common import BlockEvent, Blocks, Call
+from mlxd.chat import Delta, Finish, Usage
+from mlxd.config import ConfigError, parse_models
+from mlxd.errors import BadRequest, NotFound
+from mlxd.parsers.base import ToolCallDelta
 
 # ---- the block view every stream is drawn from ----------------------------------------------
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from server.bench import (
+from mlxd.bench import (
     MLX_LM_COMMAND,
     MLXD_COMMAND,
     TargetSpec,
@@ -26,7 +26,7 @@ from server.bench import (
     slug,
     weights_dtype,
 )
-from server.bench.report import (
+from mlxd.bench.report import (
     BASELINE,
     JOINER,
     METRICS,
@@ -44,8 +44,8 @@ from server.bench.report import (
     summarize,
     write_jsonl,
 )
-from server.bench.runner import QUICK, PromptBook, TargetRun, fit, run_target
-from server.bench.targets import (
+from mlxd.bench.runner import QUICK, PromptBook, TargetRun, fit, run_target
+from mlxd.bench.targets import (
     BenchError,
     HttpTarget,
     Messages,

@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from server.admission import DecisionKind, Resident
-from server.calibrate import (
+from mlxd.admission import DecisionKind, Resident
+from mlxd.calibrate import (
     Calibration,
     CalibrationKey,
     CalibrationStore,
@@ -29,11 +29,11 @@ from server.calibrate import (
     model_fingerprint,
     plan_for,
 )
-from server.config import ModelEntry, PathSource
-from server.engine import LoadedModel
-from server.estimate import ModelProfile, WorkingMemory, estimate_request, prior_working_memory
-from server.gate import MemoryGate
-from server.memory import MemoryBudget, MemorySnapshot, MlxMemory
+from mlxd.config import ModelEntry, PathSource
+from mlxd.engine import LoadedModel
+from mlxd.estimate import ModelProfile, WorkingMemory, estimate_request, prior_working_memory
+from mlxd.gate import MemoryGate
+from mlxd.memory import MemoryBudget, MemorySnapshot, MlxMemory
 from tests.fakes import tiny_model_dir
 
 MB = 1 << 20

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from server.__main__ import banner, doctor_report, main
-from server.config import REPO_ROOT
-from server.settings import Settings
+from mlxd.__main__ import banner, doctor_report, main
+from mlxd.config import REPO_ROOT
+from mlxd.settings import Settings
 from tests.fakes import tiny_model_dir
 
 

@@ -5,7 +5,7 @@ from typing import Any
 
 import pytest
 
-from server.config import (
+from mlxd.config import (
     REPO_ROOT,
     ConfigError,
     GGUFSource,
@@ -16,7 +16,7 @@ from server.config import (
     parse_duration,
     parse_models,
 )
-from server.settings import Settings
+from mlxd.settings import Settings
 
 
 def test_repo_models_yaml_is_valid() -> None:

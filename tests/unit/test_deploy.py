@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from server.__main__ import parser as cli_parser
+from mlxd.__main__ import parser as cli_parser
 
 REPO = Path(__file__).resolve().parents[2]
 PLIST = REPO / "deploy/macos/dev.mlxd.server.plist"
@@ -245,7 +245,7 @@ def test_install_defaults_to_the_repository_venv(sandbox: Sandbox) -> None:
 def test_units_wait_longer_than_the_drain_timeout() -> None:
     """SIGTERM drains for --drain-timeout (default 30 s); the service managers must not SIGKILL
     before that is over."""
-    from server.settings import Settings
+    from mlxd.settings import Settings
 
     drain = Settings().drain_timeout
     unit = read_unit(UNIT.read_text())

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from server.errors import ModelLoadFailed
-from server.estimate import (
+from mlxd.errors import ModelLoadFailed
+from mlxd.estimate import (
     HONOURS_MAX_KV_SIZE,
     Architecture,
     LayerKind,

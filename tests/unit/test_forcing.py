@@ -18,10 +18,10 @@ import llguidance
 import mlx.core as mx
 import pytest
 
-from server.errors import BadRequest
-from server.grammar import GrammarProcessor, compile_grammar, llg_tokenizer
-from server.parsers import HermesToolParser
-from server.parsers.forcing import (
+from mlxd.errors import BadRequest
+from mlxd.grammar import GrammarProcessor, compile_grammar, llg_tokenizer
+from mlxd.parsers import HermesToolParser
+from mlxd.parsers.forcing import (
     BanTokens,
     ToolCallFormat,
     answer_grammar,
@@ -30,7 +30,7 @@ from server.parsers.forcing import (
     named_tool,
     open_call_grammar,
 )
-from server.random_model import VOCABS, ScriptedLogits, build_qwen_tokenizer, qwen3_config
+from mlxd.random_model import VOCABS, ScriptedLogits, build_qwen_tokenizer, qwen3_config
 
 VOCAB = 32
 WEATHER: Any = {"type": "function", "function": {"name": "get_weather", "parameters": {
@@ -47,7 +47,7 @@ def tokenizer(vocab: str) -> Any:
     """The real Qwen tokenizer (mlx-lm wrapper) with mlxd's template."""
     from mlx_lm.utils import load_tokenizer
 
-    from server.random_model import write_chat_template
+    from mlxd.random_model import write_chat_template
 
     out = Path(tempfile.mkdtemp())
     build_qwen_tokenizer(out, vocab)

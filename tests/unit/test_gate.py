@@ -10,12 +10,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from server.admission import DecisionKind, Need, Resident
-from server.config import ModelEntry, PathSource
-from server.engine import LoadedModel
-from server.errors import InsufficientMemory
-from server.gate import Action, MemoryGate, PressureMonitor, RequestNeed, respond
-from server.memory import MemoryBudget, MemorySnapshot, MlxMemory, PressureLevel, PressureReading
+from mlxd.admission import DecisionKind, Need, Resident
+from mlxd.config import ModelEntry, PathSource
+from mlxd.engine import LoadedModel
+from mlxd.errors import InsufficientMemory
+from mlxd.gate import Action, MemoryGate, PressureMonitor, RequestNeed, respond
+from mlxd.memory import MemoryBudget, MemorySnapshot, MlxMemory, PressureLevel, PressureReading
 from tests.fakes import FakeEngine
 
 pytestmark = pytest.mark.anyio

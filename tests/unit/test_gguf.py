@@ -27,8 +27,8 @@ from mlx_lm.tokenizer_utils import load as load_tokenizer
 from mlx_lm.utils import load_model
 from tokenizers import Tokenizer
 
-from server.errors import ModelLoadFailed
-from server.gguf import (
+from mlxd.errors import ModelLoadFailed
+from mlxd.gguf import (
     MARKER_NAME,
     GGUFImportError,
     build_config,

@@ -9,10 +9,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from server.app import create_app
-from server.config import ConfigError, parse_models
-from server.guard import check_exposure, is_loopback, split_host
-from server.settings import Settings, read_key_file
+from mlxd.app import create_app
+from mlxd.config import ConfigError, parse_models
+from mlxd.guard import check_exposure, is_loopback, split_host
+from mlxd.settings import Settings, read_key_file
 from tests.fakes import FakeEngine
 
 pytestmark = pytest.mark.anyio

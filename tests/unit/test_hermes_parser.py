@@ -9,14 +9,14 @@ from typing import Any
 
 import pytest
 
-from server.parsers import (
+from mlxd.parsers import (
     HermesToolParser,
     ThinkSplitter,
     ToolCallDelta,
     ToolParse,
     fold_tool_calls,
 )
-from server.parsers.hermes import typed_value
+from mlxd.parsers.hermes import typed_value
 from tests.chunkings import chunkings
 
 

@@ -14,8 +14,8 @@ from typing import Any
 import httpx
 import pytest
 
-from server.errors import Overloaded
-from server.limits import (
+from mlxd.errors import Overloaded
+from mlxd.limits import (
     InflightLimit,
     RateLimitFilter,
     RequestLimits,
@@ -176,7 +176,7 @@ async def test_body_limit_refuses_both_lengths_and_a_stalled_body() -> None:
     await RequestLimits(app, 1024, 0.05)(both, never, send)
     assert sent[0]["status"] == 400
     stalled = {"type": "http", "headers": [(b"content-length", b"5")]}
-    from server.errors import RequestTimeout
+    from mlxd.errors import RequestTimeout
 
     with pytest.raises(RequestTimeout):
         await RequestLimits(app, 1024, 0.05)(stalled, never, send)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from server.interleave import FIRST_CHUNK, INTERLEAVE_COST, MIN_CHUNK, ChunkSizer, sizes
+from mlxd.interleave import FIRST_CHUNK, INTERLEAVE_COST, MIN_CHUNK, ChunkSizer, sizes
 
 DECODE = 0.020  # seconds of a decode-only step
 

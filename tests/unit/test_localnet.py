@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from server.localnet import NotReady, free_port, wait_until_ready
+from mlxd.localnet import NotReady, free_port, wait_until_ready
 
 
 def test_wait_until_ready_returns_once_the_server_answers() -> None:

@@ -10,7 +10,7 @@ from collections.abc import Callable
 import httpx
 import pytest
 
-from server.logfmt import REQUEST_FIELD, JsonFormatter
+from mlxd.logfmt import REQUEST_FIELD, JsonFormatter
 from tests.fakes import FakeEngine
 
 pytestmark = pytest.mark.anyio

@@ -21,7 +21,7 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from server.config import REPO_ROOT
+from mlxd.config import REPO_ROOT
 
 tomllib = pytest.importorskip("tomllib")
 

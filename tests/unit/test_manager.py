@@ -9,14 +9,14 @@ from typing import Any
 
 import pytest
 
-from server.admission import Decision, Need, Resident, State, decide
-from server.config import ModelEntry, parse_models
-from server.engine import LoadedModel
-from server.errors import ModelLoadFailed, Overloaded
-from server.manager import KeepAlive, ModelManager, ModelState
-from server.memory import GIB
-from server.registry import Registry
-from server.sources import ModelSources
+from mlxd.admission import Decision, Need, Resident, State, decide
+from mlxd.config import ModelEntry, parse_models
+from mlxd.engine import LoadedModel
+from mlxd.errors import ModelLoadFailed, Overloaded
+from mlxd.manager import KeepAlive, ModelManager, ModelState
+from mlxd.memory import GIB
+from mlxd.registry import Registry
+from mlxd.sources import ModelSources
 from tests.fakes import FakeEngine
 
 pytestmark = pytest.mark.anyio

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from server.memory import (
+from mlxd.memory import (
     GIB,
     KIB,
     MACOS_SYSCTL_COMMAND,

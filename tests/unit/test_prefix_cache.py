@@ -5,7 +5,7 @@ from __future__ import annotations
 import mlx.core as mx
 from mlx_lm.models.cache import KVCache
 
-from server.prefix_cache import PrefixCache, common_prefix
+from mlxd.prefix_cache import PrefixCache, common_prefix
 
 
 def kv(tokens: int, layers: int = 2) -> list[KVCache]:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from server.parsers.reasoning import ThinkSplitter, prompt_opens_reasoning
+from mlxd.parsers.reasoning import ThinkSplitter, prompt_opens_reasoning
 from tests.chunkings import chunkings
 
 

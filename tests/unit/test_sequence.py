@@ -7,8 +7,8 @@ from typing import Any
 
 import mlx.core as mx
 
-from server.engine import GenerationRequest, SamplingParams
-from server.sequence import Sequence, token_logprobs
+from mlxd.engine import GenerationRequest, SamplingParams
+from mlxd.sequence import Sequence, token_logprobs
 
 
 class Detok:

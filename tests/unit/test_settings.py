@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from server.__main__ import SERVE_FLAGS, parser
-from server.config import ConfigError
-from server.settings import Settings, add_flags, from_args
+from mlxd.__main__ import SERVE_FLAGS, parser
+from mlxd.config import ConfigError
+from mlxd.settings import Settings, add_flags, from_args
 
 
 def serve(argv: list[str], env: dict[str, str] | None = None) -> Settings:

@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from server.config import ModelEntry, parse_models
-from server.errors import ModelLoadFailed
-from server.sources import ModelSources
+from mlxd.config import ModelEntry, parse_models
+from mlxd.errors import ModelLoadFailed
+from mlxd.sources import ModelSources
 
 
 def entries(tmp_path: Path) -> dict[str, ModelEntry]:

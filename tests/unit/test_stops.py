@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from server.stops import StopMatcher
+from mlxd.stops import StopMatcher
 
 CASES = [
     ("no-stops", [], "Hello world", "Hello world", False),

@@ -15,9 +15,9 @@ from typing import Any
 import httpx
 import pytest
 
-from server.app import create_app
-from server.config import parse_models
-from server.settings import Settings
+from mlxd.app import create_app
+from mlxd.config import parse_models
+from mlxd.settings import Settings
 from tests.fakes import FakeEngine
 
 pytestmark = pytest.mark.anyio
