@@ -18,7 +18,7 @@ set -euo pipefail
 out=${1:?usage: bash bench/gpu_concurrency.sh OUT_DIR}
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
-export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$root/server:$root${PYTHONPATH:+:$PYTHONPATH}"
 py=${PYTHON:-python3}
 shape=${SHAPE:-8B}
 model=${MODEL_DIR:-/tmp/models/qwen3-${shape,,}-4bit-random}

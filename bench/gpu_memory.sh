@@ -19,7 +19,7 @@ set -euo pipefail
 OUT=$(realpath -m "${1:?usage: bench/gpu_memory.sh OUTDIR}")
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD"
+export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD/server:$PWD"
 export PYTHONUNBUFFERED=1
 WORK=${WORK:-/tmp/mlxd-gpu-memory}
 PARTS=${PARTS:-estimate,stress}

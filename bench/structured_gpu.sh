@@ -10,6 +10,7 @@ shape=${2:-8B}
 bits=${3:-4}
 py=${PYTHON:-python3}
 cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD/server:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if ! "$py" -c "import llguidance" 2>/dev/null; then
   "$py" -m pip install --quiet --no-index --no-deps wheels/llguidance-*.whl
 fi
