@@ -33,6 +33,7 @@ from typing import Any, Protocol, TypeVar
 
 from mlxd.batching import Batch, keep_cache, sampling_parts, solo_reason
 from mlxd.errors import EngineFailure, ModelLoadFailed
+from mlxd.layersync import sync_prefill_layers
 from mlxd.prefix_cache import PrefixCache
 from mlxd.sequence import Sequence
 
@@ -214,6 +215,7 @@ class MLXEngine:
         except Exception as exc:
             self._unload()
             raise ModelLoadFailed(f"cannot load {path}: {type(exc).__name__}: {exc}") from exc
+        sync_prefill_layers(model)  # prefill's working memory: one layer's, every run
         if prewarm:
             self._prewarm(model)
         self._model, self._path = model, path

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from mlxd.errors import ModelLoadFailed
+from mlxd.layersync import sync_prefill_layers
 
 KV_STEP = 256  # mlx-lm KVCache / QuantizedKVCache / RotatingKVCache growth step, in tokens
 KV_GROUP_SIZE = 64  # mlx-lm's kv_group_size default
@@ -953,6 +954,7 @@ def measure_request(
     mx.clear_cache()
     mx.reset_peak_memory()
     model = load(str(model_dir))[0]
+    sync_prefill_layers(model)  # as the engine runs it
     vocab = Architecture.from_config(read_config(Path(model_dir))).vocab_size
     peak = measure_loaded(
         model, vocab, prompt_tokens, max_tokens, prefill_chunk=prefill_chunk,
