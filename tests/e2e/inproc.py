@@ -19,8 +19,8 @@ from mlxd.app import create_app
 from mlxd.config import ModelsFile
 from mlxd.engine import GenerationChunk, GenerationRequest, MLXEngine
 from mlxd.localnet import free_port, wait_until_ready
-from mlxd.random_model import ScriptedLogits
 from mlxd.settings import Settings
+from tools.random_model import ScriptedLogits
 
 Segment = str | int  # text to force, or a number of steps left to the model (and the server)
 

