@@ -558,11 +558,12 @@ class ScriptedLogits:
 
     mlx-lm calls a processor with the token history (prompt included) and the logits of the next
     position. The history's length at the first call is taken as the start, so one instance
-    serves exactly one generation; past the end of the script the logits pass through untouched
-    (end the script with an end-of-turn token to stop there).
+    serves exactly one generation. A ``None`` in the script leaves that step to the model (and to
+    whatever the server itself forces there); past the end of the script the logits pass through
+    untouched (end the script with an end-of-turn token to stop there).
     """
 
-    def __init__(self, token_ids: Sequence[int]) -> None:
+    def __init__(self, token_ids: Sequence[int | None]) -> None:
         if not token_ids:
             raise ValueError("the script needs at least one token")
         self.token_ids = list(token_ids)
@@ -574,7 +575,7 @@ class ScriptedLogits:
         if self._start is None:
             self._start = seen
         step = seen - self._start
-        if step >= len(self.token_ids):
+        if step >= len(self.token_ids) or self.token_ids[step] is None:
             return logits
         keep = mx.arange(logits.shape[-1]) == self.token_ids[step]
         return mx.where(keep, mx.zeros_like(logits), mx.array(-mx.inf, logits.dtype))

@@ -508,6 +508,17 @@ def test_scripted_logits_follow_the_script_from_the_first_call() -> None:
     assert mx.array_equal(script(history, logits + 1), logits + 1)  # past the end: untouched
 
 
+def test_scripted_logits_leave_a_none_step_to_the_model() -> None:
+    script = ScriptedLogits([5, None, 2])
+    logits = mx.arange(8, dtype=mx.float32)[None]
+    history = mx.array([9, 9])
+    picked = []
+    for _ in range(3):
+        picked.append(mx.argmax(script(history, logits), axis=-1).item())
+        history = mx.concatenate([history, mx.array([picked[-1]])])
+    assert picked == [5, 7, 2]  # the free step takes the model's own best token
+
+
 def test_scripted_logits_need_a_script() -> None:
     with pytest.raises(ValueError, match="at least one token"):
         ScriptedLogits([])
