@@ -254,7 +254,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(rest: list[str]) -> int:
-    from mlxd.bench import main as bench_main
+    from mlxd.bench.cli import main as bench_main
 
     return bench_main(rest)
 
