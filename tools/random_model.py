@@ -74,24 +74,12 @@ QWEN_SPECIAL_TOKENS: tuple[str, ...] = (
     "<|audio_pad|>",
 )
 
-# Added tokens that real Qwen tokenizers do not mark "special": decoding with
-# skip_special_tokens keeps them, so reasoning and tool-call markup survive detokenization.
-QWEN_NON_SPECIAL_TOKENS = frozenset(
-    {
-        "<tool_call>",
-        "</tool_call>",
-        "<|fim_prefix|>",
-        "<|fim_middle|>",
-        "<|fim_suffix|>",
-        "<|fim_pad|>",
-        "<|repo_name|>",
-        "<|file_sep|>",
-        "<tool_response>",
-        "</tool_response>",
-        "<think>",
-        "</think>",
-    }
-)
+# Added tokens that real Qwen tokenizers do not mark "special" (<tool_call> through </think>):
+# decoding with skip_special_tokens keeps them, so reasoning and tool-call markup survive
+# detokenization.
+_FIRST_NON_SPECIAL = QWEN_SPECIAL_TOKENS.index("<tool_call>")
+_LAST_NON_SPECIAL = QWEN_SPECIAL_TOKENS.index("</think>")
+QWEN_NON_SPECIAL_TOKENS = frozenset(QWEN_SPECIAL_TOKENS[_FIRST_NON_SPECIAL : _LAST_NON_SPECIAL + 1])
 
 
 @dataclass(frozen=True)
