@@ -131,8 +131,8 @@ bench: dev openblas
 	  --lengths 16,256,1000,2100,3000 --max-tokens 8 --stress 64,512,1024,2100,3000 --budget 0.8GB
 
 lint: dev
-	$(VENV)/bin/ruff check server tests
-	$(VENV)/bin/ruff format --check server tests
+	$(VENV)/bin/ruff check server tests tools
+	$(VENV)/bin/ruff format --check server tests tools
 	$(VENV)/bin/mypy
 
 clean:

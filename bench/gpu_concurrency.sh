@@ -35,7 +35,7 @@ CHECK
 
 if [ ! -f "$model/config.json" ]; then
   echo "building random-weight Qwen3 $shape 4-bit in $model"
-  "$py" -m mlxd random-model --shape "$shape" --bits 4 --out "$model"
+  "$py" -m tools.random_model --shape "$shape" --bits 4 --out "$model"
 fi
 mkdir -p "$out"
 # shellcheck disable=SC2086

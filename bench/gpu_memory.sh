@@ -34,7 +34,7 @@ has() { [[ ",$PARTS," == *",$1,"* ]]; }
 
 build() {
   local name=$1; shift
-  [ -f "$WORK/models/$name/config.json" ] || "$PY" -m mlxd random-model --out "$WORK/models/$name" "$@"
+  [ -f "$WORK/models/$name/config.json" ] || "$PY" -m tools.random_model --out "$WORK/models/$name" "$@"
 }
 build qwen3-8b-4bit --shape 8B --bits 4 --dtype bfloat16
 if has estimate; then

@@ -16,7 +16,7 @@ if ! "$py" -c "import llguidance" 2>/dev/null; then
 fi
 mkdir -p "$out"
 model="$out/model-qwen3-$shape-${bits}bit"
-[ -f "$model/config.json" ] || "$py" -m mlxd random-model --shape "$shape" --bits "$bits" --out "$model"
+[ -f "$model/config.json" ] || "$py" -m tools.random_model --shape "$shape" --bits "$bits" --out "$model"
 # Random weights: EOS suppressed so every plain request runs to max_tokens too.
 "$py" -m mlxd.bench.structured --model-dir "$model" --out "$out" --repeats "${REPEATS:-6}" \
   --max-tokens "${MAX_TOKENS:-256}" --suppress-eos

@@ -1,4 +1,4 @@
-"""The ``mlxd`` command line: serve, models, pull, import-gguf, doctor, bench, random-model."""
+"""The ``mlxd`` command line: serve, models, pull, import-gguf, doctor, bench."""
 
 from __future__ import annotations
 
@@ -254,15 +254,9 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(rest: list[str]) -> int:
-    from mlxd.bench import main as bench_main
+    from mlxd.bench.cli import main as bench_main
 
     return bench_main(rest)
-
-
-def cmd_random_model(rest: list[str]) -> int:
-    from mlxd.random_model import main as random_main
-
-    return random_main(rest)
 
 
 # The settings ``mlxd serve`` takes as flags (each declared once in server.settings).
@@ -306,18 +300,14 @@ def parser() -> argparse.ArgumentParser:
 
     sub.add_parser("bench", help="benchmark servers against in-process mlx-lm (see --help)",
                    add_help=False)  # fmt: skip
-    sub.add_parser("random-model", help="build a random-weight Qwen3 model (tests, benchmarks)",
-                   add_help=False)  # fmt: skip
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    # bench and random-model own their arguments; hand them everything after the subcommand.
+    # bench owns its arguments; hand it everything after the subcommand.
     if argv and argv[0] == "bench":
         return cmd_bench(argv[1:])
-    if argv and argv[0] == "random-model":
-        return cmd_random_model(argv[1:])
     args = parser().parse_args(argv)
     try:
         result: int = args.func(args)

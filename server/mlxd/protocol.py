@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import jsonschema
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -33,6 +33,15 @@ SEED_LIMIT = 1 << 64  # mx.random.seed takes an unsigned 64-bit integer
 LOGIT_BIAS_RANGE = 100.0  # OpenAI's range: -100 (ban) .. 100 (force)
 MAX_LOGIT_BIAS = 1024
 MAX_STOP_LENGTH = 4096
+
+# OpenAI's ranges of the sampling parameters, declared once for every OpenAI-style request
+# (chat, completions, responses) so that they cannot drift apart. None: the model's default.
+Temperature = Annotated[float | None, Field(ge=0, le=2)]
+TopP = Annotated[float | None, Field(gt=0, le=1)]
+TopK = Annotated[int | None, Field(ge=-1)]
+MinP = Annotated[float | None, Field(ge=0, le=1)]
+Penalty = Annotated[float | None, Field(ge=-2, le=2)]  # presence_penalty, frequency_penalty
+RepetitionPenalty = Annotated[float | None, Field(gt=0)]
 
 
 def check_json_value(data: Any) -> None:
@@ -194,15 +203,15 @@ class ChatRequest(BaseModel):
     messages: list[Message] = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, gt=0, le=1)
-    top_k: int | None = Field(default=None, ge=-1)
-    min_p: float | None = Field(default=None, ge=0, le=1)
+    temperature: Temperature = None
+    top_p: TopP = None
+    top_k: TopK = None
+    min_p: MinP = None
     seed: int | None = None
     stop: str | list[str] | None = None
-    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
-    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
-    repetition_penalty: float | None = Field(default=None, gt=0)
+    presence_penalty: Penalty = None
+    frequency_penalty: Penalty = None
+    repetition_penalty: RepetitionPenalty = None
     logit_bias: dict[str, float] | None = Field(default=None, max_length=MAX_LOGIT_BIAS)
     stream: bool = False
     stream_options: StreamOptions | None = None

@@ -12,20 +12,19 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
-import mlx.core as mx
 import uvicorn
 
 from mlxd.app import create_app
 from mlxd.config import ModelsFile
 from mlxd.engine import GenerationChunk, GenerationRequest, MLXEngine
 from mlxd.localnet import free_port, wait_until_ready
-from mlxd.random_model import ScriptedLogits
 from mlxd.settings import Settings
+from tools.random_model import ScriptedLogits
 
 Segment = str | int  # text to force, or a number of steps left to the model (and the server)
 
 
-class Script:
+class Script(ScriptedLogits):
     """A test-only logits processor: forces texts and leaves gaps, segment by segment.
 
     ``["abc", 3, "def"]`` forces the tokens of "abc", lets 3 steps through untouched (e.g. a
@@ -33,22 +32,14 @@ class Script:
     """
 
     def __init__(self, segments: list[Segment], tokenizer: Any) -> None:
-        self.plan: list[int | None] = []  # token to force at each step, None = free
+        plan: list[int | None] = []  # token to force at each step, None = free
         for seg in segments:
             if isinstance(seg, int):
-                self.plan += [None] * seg
+                plan += [None] * seg
             else:
-                self.plan += tokenizer.encode(seg, add_special_tokens=False)
-        self.plan.append(tokenizer.convert_tokens_to_ids("<|im_end|>"))
-        self._start: int | None = None
-
-    def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
-        if self._start is None:
-            self._start = tokens.shape[-1]
-        step = tokens.shape[-1] - self._start
-        if step >= len(self.plan) or self.plan[step] is None:
-            return logits
-        return ScriptedLogits([self.plan[step]])(tokens[:0], logits)  # type: ignore[list-item]
+                plan += tokenizer.encode(seg, add_special_tokens=False)
+        plan.append(tokenizer.convert_tokens_to_ids("<|im_end|>"))
+        super().__init__(plan)
 
 
 class ScriptedEngine(MLXEngine):

@@ -17,8 +17,8 @@ import pytest
 from mlx_lm.utils import load_tokenizer
 
 from mlxd.config import parse_models
-from mlxd.random_model import build_random_qwen3
 from tests.e2e.inproc import ScriptedEngine, serve_in_thread
+from tools.random_model import build_random_qwen3
 
 pytestmark = pytest.mark.e2e
 

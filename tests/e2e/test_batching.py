@@ -18,8 +18,8 @@ import pytest
 
 from mlxd.config import parse_models
 from mlxd.engine import GenerationChunk, GenerationRequest, MLXEngine
-from mlxd.random_model import build_random_qwen3
 from tests.e2e.inproc import Script, serve_in_thread
+from tools.random_model import build_random_qwen3
 
 pytestmark = pytest.mark.e2e
 

@@ -23,8 +23,8 @@ from mlxd.bench.runner import PromptBook
 from mlxd.calibrate import CalibrationStore, Calibrator, measure
 from mlxd.estimate import ModelProfile, estimate_request, measure_loaded
 from mlxd.memory import format_size
-from mlxd.random_model import build_random_qwen3
 from tests.conftest import RunningServer, run_server
+from tools.random_model import build_random_qwen3
 
 pytestmark = pytest.mark.e2e
 

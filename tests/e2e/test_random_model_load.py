@@ -12,7 +12,7 @@ import mlx_lm
 import pytest
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-from mlxd.random_model import ScriptedLogits, build_random_qwen3, main
+from tools.random_model import ScriptedLogits, build_random_qwen3, main
 
 pytestmark = pytest.mark.e2e
 

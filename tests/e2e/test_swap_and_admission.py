@@ -20,8 +20,8 @@ import yaml
 
 from mlxd.estimate import weights_bytes
 from mlxd.memory import format_size
-from mlxd.random_model import build_random_qwen3
 from tests.conftest import RunningServer, run_server
+from tools.random_model import build_random_qwen3
 
 pytestmark = pytest.mark.e2e
 

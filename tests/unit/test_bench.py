@@ -14,18 +14,8 @@ from typing import Any
 
 import pytest
 
-from mlxd.bench import (
-    MLX_LM_COMMAND,
-    MLXD_COMMAND,
-    TargetSpec,
-    build_parser,
-    main,
-    make_plan,
-    mlxd_config,
-    model_summary,
-    slug,
-    weights_dtype,
-)
+from mlxd.bench.cli import MLX_LM_COMMAND, MLXD_COMMAND, build_parser, main, make_plan
+from mlxd.bench.meta import model_summary, slug, weights_dtype
 from mlxd.bench.report import (
     BASELINE,
     JOINER,
@@ -45,6 +35,7 @@ from mlxd.bench.report import (
     write_jsonl,
 )
 from mlxd.bench.runner import QUICK, PromptBook, TargetRun, fit, run_target
+from mlxd.bench.session import TargetSpec, mlxd_config
 from mlxd.bench.targets import (
     BenchError,
     HttpTarget,

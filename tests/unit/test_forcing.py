@@ -30,7 +30,7 @@ from mlxd.parsers.forcing import (
     named_tool,
     open_call_grammar,
 )
-from mlxd.random_model import VOCABS, ScriptedLogits, build_qwen_tokenizer, qwen3_config
+from tools.random_model import VOCABS, ScriptedLogits, build_qwen_tokenizer, qwen3_config
 
 VOCAB = 32
 WEATHER: Any = {"type": "function", "function": {"name": "get_weather", "parameters": {
@@ -47,7 +47,7 @@ def tokenizer(vocab: str) -> Any:
     """The real Qwen tokenizer (mlx-lm wrapper) with mlxd's template."""
     from mlx_lm.utils import load_tokenizer
 
-    from mlxd.random_model import write_chat_template
+    from tools.random_model import write_chat_template
 
     out = Path(tempfile.mkdtemp())
     build_qwen_tokenizer(out, vocab)

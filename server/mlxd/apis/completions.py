@@ -30,7 +30,18 @@ from mlxd.chat import ChatRun, Finish
 from mlxd.errors import BadRequest, MlxdError
 from mlxd.fold import fold_choices
 from mlxd.logprobs import TokenLogprob
-from mlxd.protocol import ChatRequest, StreamOptions, dumps, usage_dict
+from mlxd.protocol import (
+    ChatRequest,
+    MinP,
+    Penalty,
+    RepetitionPenalty,
+    StreamOptions,
+    Temperature,
+    TopK,
+    TopP,
+    dumps,
+    usage_dict,
+)
 from mlxd.render import SYSTEM_FINGERPRINT
 
 router = APIRouter()
@@ -127,10 +138,10 @@ class CompletionRequest(BaseModel):
     prompt: str | list[str] | list[int] | list[list[int]]
     suffix: str | None = None
     max_tokens: int | None = Field(default=DEFAULT_MAX_TOKENS, ge=1)
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, gt=0, le=1)
-    top_k: int | None = Field(default=None, ge=-1)
-    min_p: float | None = Field(default=None, ge=0, le=1)
+    temperature: Temperature = None
+    top_p: TopP = None
+    top_k: TopK = None
+    min_p: MinP = None
     n: int | None = None
     best_of: int | None = None
     stream: bool = False
@@ -138,9 +149,9 @@ class CompletionRequest(BaseModel):
     logprobs: int | None = Field(default=None, ge=0, le=20)
     echo: bool = False
     stop: str | list[str] | None = None
-    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
-    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
-    repetition_penalty: float | None = Field(default=None, gt=0)
+    presence_penalty: Penalty = None
+    frequency_penalty: Penalty = None
+    repetition_penalty: RepetitionPenalty = None
     logit_bias: dict[str, float] | None = None
     seed: int | None = None
     keep_alive: str | int | None = None

@@ -41,7 +41,7 @@ from mlxd.apis.common import (
 from mlxd.chat import ChatRun, Finish
 from mlxd.errors import BadRequest, MlxdError, NotFound
 from mlxd.fold import Call, Folded, fold
-from mlxd.protocol import ChatRequest, dumps
+from mlxd.protocol import ChatRequest, Temperature, TopP, dumps
 
 router = APIRouter()
 
@@ -75,8 +75,8 @@ class ResponsesRequest(BaseModel):
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
     max_output_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, gt=0, le=1)
+    temperature: Temperature = None
+    top_p: TopP = None
     reasoning: Reasoning | None = None
     text: TextConfig | None = None
     previous_response_id: str | None = None

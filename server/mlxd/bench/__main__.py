@@ -1,7 +1,7 @@
-"""``python -m mlxd.bench``: see :mod:`server.bench`."""
+"""``python -m mlxd.bench``: see :mod:`mlxd.bench.cli`."""
 
 import sys
 
-from mlxd.bench import main
+from mlxd.bench.cli import main
 
 sys.exit(main())

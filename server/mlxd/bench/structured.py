@@ -23,8 +23,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from mlxd.bench import machine_info, mlxd_config, versions
+from mlxd.bench.meta import machine_info, versions
 from mlxd.bench.runner import PromptBook
+from mlxd.bench.session import mlxd_config
 from mlxd.bench.targets import HttpTarget, SpawnedServer, list_models, server_env
 from mlxd.localnet import free_port
 

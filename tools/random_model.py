@@ -74,24 +74,12 @@ QWEN_SPECIAL_TOKENS: tuple[str, ...] = (
     "<|audio_pad|>",
 )
 
-# Added tokens that real Qwen tokenizers do not mark "special": decoding with
-# skip_special_tokens keeps them, so reasoning and tool-call markup survive detokenization.
-QWEN_NON_SPECIAL_TOKENS = frozenset(
-    {
-        "<tool_call>",
-        "</tool_call>",
-        "<|fim_prefix|>",
-        "<|fim_middle|>",
-        "<|fim_suffix|>",
-        "<|fim_pad|>",
-        "<|repo_name|>",
-        "<|file_sep|>",
-        "<tool_response>",
-        "</tool_response>",
-        "<think>",
-        "</think>",
-    }
-)
+# Added tokens that real Qwen tokenizers do not mark "special" (<tool_call> through </think>):
+# decoding with skip_special_tokens keeps them, so reasoning and tool-call markup survive
+# detokenization.
+_FIRST_NON_SPECIAL = QWEN_SPECIAL_TOKENS.index("<tool_call>")
+_LAST_NON_SPECIAL = QWEN_SPECIAL_TOKENS.index("</think>")
+QWEN_NON_SPECIAL_TOKENS = frozenset(QWEN_SPECIAL_TOKENS[_FIRST_NON_SPECIAL : _LAST_NON_SPECIAL + 1])
 
 
 @dataclass(frozen=True)
@@ -558,11 +546,12 @@ class ScriptedLogits:
 
     mlx-lm calls a processor with the token history (prompt included) and the logits of the next
     position. The history's length at the first call is taken as the start, so one instance
-    serves exactly one generation; past the end of the script the logits pass through untouched
-    (end the script with an end-of-turn token to stop there).
+    serves exactly one generation. A ``None`` in the script leaves that step to the model (and to
+    whatever the server itself forces there); past the end of the script the logits pass through
+    untouched (end the script with an end-of-turn token to stop there).
     """
 
-    def __init__(self, token_ids: Sequence[int]) -> None:
+    def __init__(self, token_ids: Sequence[int | None]) -> None:
         if not token_ids:
             raise ValueError("the script needs at least one token")
         self.token_ids = list(token_ids)
@@ -574,7 +563,7 @@ class ScriptedLogits:
         if self._start is None:
             self._start = seen
         step = seen - self._start
-        if step >= len(self.token_ids):
+        if step >= len(self.token_ids) or self.token_ids[step] is None:
             return logits
         keep = mx.arange(logits.shape[-1]) == self.token_ids[step]
         return mx.where(keep, mx.zeros_like(logits), mx.array(-mx.inf, logits.dtype))
@@ -585,7 +574,7 @@ class ScriptedLogits:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="mlxd-random-model",
+        prog="python -m tools.random_model",
         description="Build a random-weight Qwen3 model directory with the real Qwen tokenizer.",
     )
     parser.add_argument("--out", type=Path, required=True, help="output directory")
