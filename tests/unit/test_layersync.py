@@ -12,7 +12,7 @@ from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.utils import load_model
 
 from mlxd.layersync import sync_prefill_layers
-from mlxd.random_model import build_random_qwen3
+from tools.random_model import build_random_qwen3
 
 
 @pytest.fixture(scope="module")
