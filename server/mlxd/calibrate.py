@@ -282,7 +282,8 @@ def _prefill_sample(model: Any, *, filler: _CacheFiller, vocab: int, n: int, dep
     x = mx.array([[(i * 7919 + 100) % vocab for i in range(n)]])
     mx.eval(x)
     held = _held(lambda: mx.eval([c.state for c in _call(model, x, cache)]))
-    return max(0, held - (sum(c.nbytes for c in cache) - before))
+    grown: int = sum(c.nbytes for c in cache) - before
+    return max(0, held - grown)
 
 
 def _decode_sample(model: Any, *, filler: _CacheFiller, context: int, sampling: bool) -> int:

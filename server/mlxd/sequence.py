@@ -46,7 +46,9 @@ class Sequence:
     def eos(self) -> set[int]:
         return set() if self.req.ignore_eos else set(self.req.tokenizer.eos_token_ids)
 
-    def chunk(self, text: str, token: int | None, finish: str | None, **extra: Any) -> Any:
+    def chunk(
+        self, text: str, token: int | None, finish: str | None, **extra: Any
+    ) -> GenerationChunk:
         from mlxd.engine import GenerationChunk
 
         completion = len(self.generated)

@@ -106,7 +106,7 @@ class ModelSources:
         if cached is not None:
             return cached
         from huggingface_hub import snapshot_download
-        from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
+        from huggingface_hub.utils import disable_progress_bars, enable_progress_bars  # type: ignore[attr-defined]
 
         log.info("downloading %s from the Hugging Face hub", src.hf)
         (enable_progress_bars if progress else disable_progress_bars)()
