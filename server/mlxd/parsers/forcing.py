@@ -2,7 +2,7 @@
 
 The chat service turns ``tool_choice`` and ``response_format`` into one Lark grammar (llguidance
 dialect, JSON parts as embedded ``%json`` schemas) run by :class:`mlxd.grammar.GrammarProcessor`
-(the chat service picks which):
+(:mod:`mlxd.constraints` picks which):
 
 * ``"required"`` / a named function: the whole output is one or more calls (one when
   ``parallel_tool_calls`` is false) in the model's own call format, each naming a function from
