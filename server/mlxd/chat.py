@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
+import functools
 import logging
 import threading
 import time
@@ -24,29 +24,21 @@ from typing import Any
 
 from mlxd.admission import Need
 from mlxd.config import ModelEntry, parse_duration
+from mlxd.constraints import constraint_processors
 from mlxd.engine import Engine, GenerationRequest, SamplingParams
 from mlxd.errors import BadRequest, ContextLengthExceeded
 from mlxd.gate import MemoryGate, RequestNeed
-from mlxd.grammar import GrammarProcessor, closing_ranks, compile_grammar
 from mlxd.logfmt import REQUEST_FIELD
 from mlxd.logprobs import TokenLogprob, token_logprob
 from mlxd.manager import Flight, KeepAlive, ModelManager
 from mlxd.observe import RequestRecord
-from mlxd.parsers.forcing import (
-    TOOL_OPEN,
-    BanTokens,
-    ToolCallFormat,
-    answer_grammar,
-    calls_grammar,
-    named_tool,
-    open_call_grammar,
-)
-from mlxd.parsers.hermes import HermesToolParser, ToolCallDelta
+from mlxd.parsers.base import ToolCallDelta, ToolParser
 from mlxd.parsers.reasoning import ThinkSplitter, prompt_opens_reasoning
-from mlxd.protocol import ChatRequest, Message, NamedToolChoice, completion_id, now
+from mlxd.prompt import render_prompt
+from mlxd.protocol import ChatRequest, completion_id, now
 from mlxd.registry import Registry
 from mlxd.stops import StopMatcher
-from mlxd.tool_prompt import template_ignores_tools, with_tools_in_system
+from mlxd.toolformats import ToolCallFormat, format_for
 
 log = logging.getLogger("mlxd.chat")
 
@@ -104,7 +96,8 @@ class Prepared:
     tokenizer: Any
     think: bool
     starts_in_reasoning: bool
-    tools: list[dict[str, Any]] | None
+    # Makes the tool-call parser of one choice (in the model's call format); None: no tools.
+    tool_parser: Callable[[], ToolParser] | None
     # Builds the logits processors of one sequence: they keep per-sequence state, so each of
     # the n choices gets its own.
     processors: Callable[[], list[Any]]
@@ -283,7 +276,7 @@ class ChatRun:
         request = self.requests[index]
         stops = StopMatcher(p.stops)
         think = ThinkSplitter(start_in_reasoning=p.starts_in_reasoning) if p.think else None
-        tools = HermesToolParser(tools=p.tools) if p.tools is not None else None
+        tools = p.tool_parser() if p.tool_parser is not None else None
 
         def parse(text: str, final: bool) -> Delta:
             reasoning = ""
@@ -436,30 +429,31 @@ class ChatService:
         render_tools = tools if choice != "none" else None
         context = context_limit(entry, config)
 
-        def render_and_encode() -> tuple[str, list[int]]:
+        def render_and_encode() -> tuple[str, list[int], ToolCallFormat | None]:
             if raw_prompt is not None:
-                return "", list(raw_prompt)
+                return "", list(raw_prompt), None
             with tokenizer_lock(tokenizer):
-                text = render_prompt(tokenizer, request, entry, render_tools)
+                fmt = format_for(tokenizer, entry.tool_call_format) if tools else None
+                text = render_prompt(tokenizer, request, entry, render_tools, fmt)
                 if len(text) > context * MAX_CHARS_PER_TOKEN:
                     raise ContextLengthExceeded(
                         f"This model's maximum context length is {context} tokens; the messages "
                         f"are {len(text)} characters, far more than that. Shorten the messages.",
                         param="messages",
                     )
-                return text, list(tokenizer.encode(text, add_special_tokens=False))
+                return text, list(tokenizer.encode(text, add_special_tokens=False)), fmt
 
         # Rendering and tokenizing take time in proportion to the prompt (seconds for a few
         # MB): off the event loop, so running streams and /health are not held up.
-        prompt_text, prompt = await asyncio.to_thread(render_and_encode)
+        prompt_text, prompt, fmt = await asyncio.to_thread(render_and_encode)
         max_tokens = resolve_max_tokens(request, entry, len(prompt), context, cap_max_tokens)
         starts_in_reasoning = tokenizer.has_thinking and prompt_opens_reasoning(prompt_text)
 
         def constraints() -> Callable[[], list[Any]]:
             with tokenizer_lock(tokenizer):
                 return constraint_processors(
-                    tokenizer, request, tools, starts_in_reasoning=bool(starts_in_reasoning),
-                    max_tokens=max_tokens,
+                    tokenizer, request, tools, fmt,
+                    starts_in_reasoning=bool(starts_in_reasoning), max_tokens=max_tokens,
                 )  # fmt: skip
 
         # Compiling a grammar (and, once per tokenizer, llguidance's view of the vocabulary)
@@ -487,7 +481,11 @@ class ChatService:
             tokenizer=tokenizer,
             think=bool(tokenizer.has_thinking) and raw_prompt is None,
             starts_in_reasoning=starts_in_reasoning,
-            tools=render_tools,
+            tool_parser=(
+                functools.partial(fmt.parser, render_tools)
+                if fmt is not None and render_tools is not None
+                else None
+            ),
             processors=processors,
             ignore_eos=request.ignore_eos,
             keep_alive=keep_alive,
@@ -553,81 +551,6 @@ def request_keep_alive(request: ChatRequest) -> KeepAlive | None:
             "keep_alive: at most 366 days; use -1 to keep the model loaded", param="keep_alive"
         )
     return KeepAlive(seconds)
-
-
-def template_messages(messages: list[Message]) -> list[dict[str, Any]]:
-    """OpenAI messages → the dicts chat templates expect.
-
-    Templates iterate tool-call arguments as a mapping (Qwen3.5's XML form) or print them
-    (Qwen3's JSON form), so arguments sent as a JSON string are decoded when they parse.
-    """
-    out: list[dict[str, Any]] = []
-    for i, msg in enumerate(messages):
-        item: dict[str, Any] = {
-            "role": "system" if msg.role == "developer" else msg.role,
-            "content": msg.text(),
-        }
-        if msg.name:
-            item["name"] = msg.name
-        if msg.tool_call_id:
-            item["tool_call_id"] = msg.tool_call_id
-        reasoning = msg.reasoning_content or msg.reasoning
-        if reasoning:
-            item["reasoning_content"] = reasoning
-        if msg.tool_calls:
-            calls = []
-            for j, call in enumerate(msg.tool_calls):
-                args: Any = call.function.arguments
-                if isinstance(args, str):
-                    try:
-                        args = json.loads(args) if args.strip() else {}
-                    except ValueError:
-                        raise BadRequest(
-                            "tool call arguments must be a JSON string",
-                            param=f"messages[{i}].tool_calls[{j}].function.arguments",
-                        ) from None
-                calls.append(
-                    {
-                        "id": call.id,
-                        "type": "function",
-                        "function": {"name": call.function.name, "arguments": args},
-                    }
-                )
-            item["tool_calls"] = calls
-        out.append(item)
-    return out
-
-
-def template_kwargs(request: ChatRequest, entry: ModelEntry) -> dict[str, Any]:
-    kwargs = dict(entry.chat_template_kwargs)
-    if request.reasoning_effort is not None:
-        kwargs["enable_thinking"] = request.reasoning_effort not in ("none", "minimal")
-        kwargs["reasoning_effort"] = request.reasoning_effort
-    kwargs.update(request.chat_template_kwargs or {})
-    return kwargs
-
-
-def render_prompt(
-    tokenizer: Any, request: ChatRequest, entry: ModelEntry, tools: list[dict[str, Any]] | None
-) -> str:
-    messages = template_messages(request.messages)
-    if tools and template_ignores_tools(tokenizer, entry.id):
-        messages, tools = with_tools_in_system(messages, tools), None
-    continue_final = messages[-1]["role"] == "assistant"
-    try:
-        text = tokenizer.apply_chat_template(
-            messages,
-            tools=tools,
-            tokenize=False,
-            add_generation_prompt=not continue_final,
-            continue_final_message=continue_final,
-            **template_kwargs(request, entry),
-        )
-    except Exception as exc:  # template errors are the request's fault (e.g. role order)
-        raise BadRequest(
-            f"the chat template of {entry.id!r} rejected the messages: {exc}", param="messages"
-        ) from None
-    return str(text)
 
 
 def context_limit(entry: ModelEntry, config: dict[str, Any]) -> int:
@@ -696,77 +619,3 @@ def sampling_for(
         frequency_penalty=pick("frequency_penalty", None),
         logit_bias=bias,
     )
-
-
-def tool_call_format(tokenizer: Any) -> ToolCallFormat:
-    """Which call form the model's template writes, found by rendering a probe call.
-
-    Rendering is more reliable than searching the template source: templates mention both forms
-    in comments and instructions, but render history in exactly one.
-    """
-    probe = [
-        {"role": "user", "content": "x"},
-        {"role": "assistant", "content": "", "tool_calls": [
-            {"id": "call_probe", "type": "function",
-             "function": {"name": "mlxd_probe", "arguments": {"a": 1}}}]},
-    ]  # fmt: skip
-    try:
-        text = tokenizer.apply_chat_template(probe, tokenize=False)
-    except Exception:
-        return "json"
-    return "xml" if "<function=mlxd_probe>" in str(text) else "json"
-
-
-def constraint_processors(
-    tokenizer: Any,
-    request: ChatRequest,
-    tools: list[dict[str, Any]] | None,
-    *,
-    starts_in_reasoning: bool,
-    max_tokens: int,
-) -> Callable[[], list[Any]]:
-    """The logits processors that enforce ``tool_choice`` and ``response_format``, as a factory.
-
-    The grammar is compiled (and checked: an unsupported schema is a 400) once, here; each call
-    of the factory makes fresh per-sequence processors. A reasoning model whose prompt opened
-    ``<think>`` thinks unconstrained: the grammar starts after ``</think>``.
-    """
-    choice = request.tool_choice
-    if tools and choice == "none":
-        start_ids = tokenizer.encode(TOOL_OPEN, add_special_tokens=False)
-        ban = start_ids[:1] if len(start_ids) == 1 else []
-        return (lambda: [BanTokens(ban)]) if ban else list
-    fmt = tool_call_format(tokenizer) if tools else "json"
-    parallel = request.parallel_tool_calls is not False
-    think_end = tokenizer.think_end if starts_in_reasoning else None
-    fmt_req = request.response_format
-    structured = fmt_req is not None and fmt_req.type != "text"
-    lark: str | None = None
-    param = "tools"
-    budget = max_tokens if fmt == "json" else None  # JSON is wound up before the budget ends
-    if tools and (choice == "required" or isinstance(choice, NamedToolChoice)):
-        chosen = named_tool(tools, choice.function["name"]) if isinstance(
-            choice, NamedToolChoice
-        ) else tools  # fmt: skip
-        lark = calls_grammar(chosen, fmt, parallel=parallel, after_think=think_end is not None)
-    elif structured:
-        assert fmt_req is not None
-        schema = fmt_req.schema_dict if fmt_req.type == "json_schema" else None
-        param = "response_format.json_schema.schema" if schema is not None else "response_format"
-        lark = answer_grammar(
-            schema, tools=tools, fmt=fmt, parallel=parallel, after_think=think_end is not None
-        )
-    if budget is not None:
-        closing_ranks(tokenizer)  # built once per tokenizer (a pass over the vocabulary), here
-    factories: list[Callable[[], Any]] = []
-    if lark is not None:
-        grammar = compile_grammar(tokenizer, lark, param)
-        factories.append(
-            lambda: GrammarProcessor(tokenizer, grammar, trigger=think_end, budget=budget)
-        )
-    elif tools:  # auto: a call, once opened, is finished validly
-        grammar = compile_grammar(tokenizer, open_call_grammar(tools, fmt), "tools")
-        factories.append(
-            lambda: GrammarProcessor(tokenizer, grammar, TOOL_OPEN, rearm=True, budget=budget)
-        )
-    return lambda: [make() for make in factories]

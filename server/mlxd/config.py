@@ -112,6 +112,9 @@ class ModelEntry(_Strict):
     )
     defaults: SamplingDefaults = Field(default_factory=SamplingDefaults)
     chat_template_kwargs: dict[str, Any] = Field(default_factory=dict)
+    tool_call_format: str | None = Field(
+        default=None, description="how the model writes tool calls (default: its chat template's)"
+    )
     tags: list[str] = Field(default_factory=list)
     keep_alive: str | int | None = None
 
@@ -119,6 +122,16 @@ class ModelEntry(_Strict):
     @classmethod
     def _duration(cls, value: str | int | None) -> str | int | None:
         parse_duration(value)
+        return value
+
+    @field_validator("tool_call_format")
+    @classmethod
+    def _known_format(cls, value: str | None) -> str | None:
+        if value is not None:
+            # Imported here: the formats pull in MLX, and light CLI commands read models.yaml.
+            from mlxd import toolformats
+
+            toolformats.get(value)  # a ValueError naming the known formats
         return value
 
     @property

@@ -6,7 +6,7 @@ sequence). At every step it advances the matcher by the token just sampled and m
 to the tokens the grammar allows next; once the grammar is complete only EOS is allowed.
 
 A processor may start *armed*: it passes logits through until the generated text contains a
-trigger (``</think>`` so a reasoning model thinks freely first; ``<tool_call>`` under
+trigger (``</think>`` so a reasoning model thinks freely first; a call's opening under
 ``tool_choice: auto`` so a call, once opened, is finished validly), then constrains what follows
 the trigger. With ``rearm`` it goes back to watching once the grammar is complete (the next call).
 
@@ -29,6 +29,7 @@ import functools
 import json
 import logging
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,15 +80,17 @@ def unsupported_keyword(error: str) -> str | None:
     return f"format: {m.group(1)}" if m else None
 
 
-def compile_grammar(tokenizer: Any, lark: str, param: str) -> str:
+def compile_grammar(tokenizer: Any, lark: str, param: str, markers: Sequence[str] = ()) -> str:
     """Validate a Lark grammar against the model's vocabulary; a 400 naming `param` if it fails.
 
-    Returns the grammar in llguidance's serialized form, ready for :class:`GrammarProcessor`.
+    `markers` (a tool call's open and close text): where one is a single special token, the
+    grammar names that token by id instead of by its text. Returns the grammar in llguidance's
+    serialized form, ready for :class:`GrammarProcessor`.
     """
     import llguidance
 
     llg = llg_tokenizer(tokenizer)
-    for tag in ("<tool_call>", "</tool_call>"):  # tags that are special tokens are matched by id
+    for tag in markers:
         ids = tokenizer.encode(tag, add_special_tokens=False)
         if len(ids) == 1 and llg.is_special_token(ids[0]):
             lark = lark.replace(lark_literal(tag), f"<[{ids[0]}]>")

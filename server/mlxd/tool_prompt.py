@@ -2,9 +2,10 @@
 
 Many chat templates (SmolLM2's among them) ignore the ``tools`` argument: the model would never
 learn which functions exist. mlxd finds out by rendering a probe conversation with and without a
-probe tool; when the two renderings are equal it writes the definitions and the call format
-(Hermes JSON inside ``<tool_call>``) into the system message itself, and logs that once per model.
-Constrained decoding then holds the model to that format.
+probe tool; when the two renderings are equal it writes the definitions and the model's call
+format (its :class:`~mlxd.toolformats.ToolCallFormat` hint; Hermes JSON unless models.yaml names
+another) into the system message itself, and logs that once per model. Constrained decoding then
+holds the model to that format.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import json
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+from mlxd.toolformats import ToolCallFormat
 
 log = logging.getLogger("mlxd.tools")
 
@@ -39,30 +42,28 @@ def template_ignores_tools(tokenizer: Any, model_id: str) -> bool:
     if ignores:
         log.info(
             "model %s: its chat template ignores tools; mlxd puts tool definitions and the "
-            "<tool_call> format into the system prompt",
+            "call format into the system prompt",
             model_id,
         )
     _ignores[model_id] = ignores
     return ignores
 
 
-def tools_instructions(tools: Sequence[Mapping[str, Any]]) -> str:
-    """The system-prompt text that describes `tools` and the Hermes JSON call format."""
+def tools_instructions(tools: Sequence[Mapping[str, Any]], fmt: ToolCallFormat) -> str:
+    """The system-prompt text that describes `tools` and how to call them in `fmt`."""
     listed = "\n".join(json.dumps(t, ensure_ascii=False) for t in tools)
     return (
         "# Tools\n\nYou may call one or more functions to help with the user's request. "
         f"The functions are described inside <tools></tools>:\n<tools>\n{listed}\n</tools>\n\n"
-        "To call a function, answer with one block per call, each holding a JSON object with "
-        "the function name and its arguments:\n<tool_call>\n"
-        '{"name": "<function name>", "arguments": {"<parameter>": <value>}}\n</tool_call>'
+        + fmt.hint
     )
 
 
 def with_tools_in_system(
-    messages: list[dict[str, Any]], tools: Sequence[Mapping[str, Any]]
+    messages: list[dict[str, Any]], tools: Sequence[Mapping[str, Any]], fmt: ToolCallFormat
 ) -> list[dict[str, Any]]:
     """`messages` with the tool instructions appended to (or forming) the system message."""
-    text = tools_instructions(tools)
+    text = tools_instructions(tools, fmt)
     if messages and messages[0]["role"] == "system":
         first = dict(messages[0])
         first["content"] = f"{first['content']}\n\n{text}" if first["content"] else text

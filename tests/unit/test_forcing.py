@@ -21,16 +21,11 @@ import pytest
 from mlxd.errors import BadRequest
 from mlxd.grammar import GrammarProcessor, compile_grammar, llg_tokenizer
 from mlxd.parsers import HermesToolParser
-from mlxd.parsers.forcing import (
-    BanTokens,
-    ToolCallFormat,
-    answer_grammar,
-    calls_grammar,
-    closed,
-    named_tool,
-    open_call_grammar,
-)
+from mlxd.parsers.forcing import BanTokens, answer_grammar, calls_grammar, closed, named_tool
 from tools.random_model import VOCABS, ScriptedLogits, build_qwen_tokenizer, qwen3_config
+from mlxd.toolformats import ToolCallFormat
+from mlxd.toolformats.hermes import HERMES
+from mlxd.toolformats.qwen_xml import QWEN_XML
 
 VOCAB = 32
 WEATHER: Any = {"type": "function", "function": {"name": "get_weather", "parameters": {
@@ -40,6 +35,7 @@ UNIT: Any = {"type": "function", "function": {"name": "set_unit", "parameters": 
     "type": "object", "properties": {"unit": {"enum": ["c", "f"]}, "n": {"type": "integer",
     "minimum": 0, "maximum": 9}}, "required": ["unit", "n"]}}}  # fmt: skip
 TOOLS = [WEATHER, UNIT]
+MARKERS = (HERMES.open, HERMES.close)  # both formats' (matched by token id in these vocabs)
 
 
 @functools.cache
@@ -51,32 +47,34 @@ def tokenizer(vocab: str) -> Any:
 
     out = Path(tempfile.mkdtemp())
     build_qwen_tokenizer(out, vocab)
-    write_chat_template(out)  # tool_call_format picks the call form when rendering
+    write_chat_template(out)  # its tool_call_format variable picks the call form when rendering
     return load_tokenizer(out)
 
 
 def rendered_call(vocab: str, name: str, args: dict[str, Any], fmt: ToolCallFormat) -> str:
-    """A call exactly as the chat template writes it into history."""
+    """A call exactly as the chat template writes it into history (its "json" or "xml" form)."""
     tok = tokenizer(vocab)
     history = [
         {"role": "user", "content": "x"},
         {"role": "assistant", "content": "", "tool_calls": [
             {"id": "c", "type": "function", "function": {"name": name, "arguments": args}}]},
     ]  # fmt: skip
-    text = tok.apply_chat_template(history, tokenize=False, tool_call_format=fmt)
+    form = "xml" if fmt is QWEN_XML else "json"
+    text = tok.apply_chat_template(history, tokenize=False, tool_call_format=form)
     start = text.index("<tool_call>")
     return str(text[start : text.index("</tool_call>", start) + len("</tool_call>")])
 
 
 def accepts(vocab: str, lark: str, text: str) -> bool:
     tok = tokenizer(vocab)
-    matcher = llguidance.LLMatcher(llg_tokenizer(tok), compile_grammar(tok, lark, "x"))
+    grammar = compile_grammar(tok, lark, "x", MARKERS)
+    matcher = llguidance.LLMatcher(llg_tokenizer(tok), grammar)
     ids = tok.encode(text, add_special_tokens=False)
     return matcher.try_consume_tokens(ids) == len(ids) and matcher.is_accepting()
 
 
 @pytest.mark.parametrize("vocab", sorted(VOCABS))
-@pytest.mark.parametrize("fmt", ["json", "xml"])
+@pytest.mark.parametrize("fmt", [HERMES, QWEN_XML], ids=["hermes", "qwen_xml"])
 def test_grammars_accept_what_the_template_renders(vocab: str, fmt: ToolCallFormat) -> None:
     call = rendered_call(vocab, "get_weather", {"city": "Oslo", "days": 3}, fmt)
     other = rendered_call(vocab, "set_unit", {"unit": "c", "n": 2}, fmt)
@@ -86,7 +84,7 @@ def test_grammars_accept_what_the_template_renders(vocab: str, fmt: ToolCallForm
     assert accepts(vocab, calls_grammar(named_tool(TOOLS, "set_unit"), fmt), other)
     assert not accepts(vocab, calls_grammar(named_tool(TOOLS, "set_unit"), fmt), call)
     assert accepts(vocab, calls_grammar(TOOLS, fmt, after_think=True), "\n\n" + call)
-    assert accepts(vocab, open_call_grammar(TOOLS, fmt), call[len("<tool_call>") :])
+    assert accepts(vocab, fmt.rest_of_call(TOOLS), call[len("<tool_call>") :])
     assert accepts(vocab, answer_grammar(None, tools=TOOLS, fmt=fmt), call)
 
 
@@ -104,7 +102,7 @@ def test_grammars_accept_what_the_template_renders(vocab: str, fmt: ToolCallForm
     ids=["args-not-object", "missing-required", "unknown-name", "enum", "extra-key", "text-first"],
 )
 def test_calls_grammar_rejects_invalid_calls(bad: str) -> None:
-    assert not accepts("qwen3", calls_grammar(TOOLS, "json"), bad)
+    assert not accepts("qwen3", calls_grammar(TOOLS, HERMES), bad)
 
 
 def test_answer_grammar_and_unsupported_keywords() -> None:
@@ -176,12 +174,13 @@ def parsed_calls(text: str) -> list[tuple[str, dict[str, Any]]]:
 def test_random_weights_write_a_valid_call_after_thinking(vocab: str) -> None:
     """The model reasons (scripted, unconstrained), then the named call is forced by grammar."""
     tok = tokenizer(vocab)
-    fmt: ToolCallFormat = "xml" if vocab != "qwen3" else "json"
+    fmt = QWEN_XML if vocab != "qwen3" else HERMES
     thinking = tok.encode("Use the tool.\n</think>", add_special_tokens=False)
     grammar = compile_grammar(
         tok,
         calls_grammar(named_tool(TOOLS, "set_unit"), fmt, parallel=False, after_think=True),
         "tools",
+        MARKERS,
     )
     processor = GrammarProcessor(tok, grammar, trigger="</think>", budget=80)
     prompt = "<|im_start|>user\nUnit?<|im_end|>\n<|im_start|>assistant\n<think>\n"
@@ -195,7 +194,7 @@ def test_random_weights_write_a_valid_call_after_thinking(vocab: str) -> None:
 
 def test_auto_lets_text_through_and_finishes_an_opened_call() -> None:
     tok = tokenizer("qwen3")
-    grammar = compile_grammar(tok, open_call_grammar([UNIT], "json"), "tools")
+    grammar = compile_grammar(tok, HERMES.rest_of_call([UNIT]), "tools", MARKERS)
     processor = GrammarProcessor(tok, grammar, trigger="<tool_call>", rearm=True, budget=60)
     opening = tok.encode("Let me check.<tool_call>", add_special_tokens=False)
     prompt = "<|im_start|>user\nUnit?<|im_end|>\n<|im_start|>assistant\n"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 
 @dataclass
@@ -56,6 +57,23 @@ class ToolParse:
             self.calls[-1].arguments += arguments
         else:
             self.calls.append(ToolCallDelta(index, None, None, arguments))
+
+
+class ToolParser(Protocol):
+    """What the chat run needs of a streaming tool-call parser (one per choice).
+
+    ``feed`` takes the model's text as it comes, ``finish`` ends it. ``call_count`` counts valid
+    calls; ``truncated`` is true when the output ended inside a call, and ``incomplete_call`` is
+    that call's index when its deltas were already out.
+    """
+
+    call_count: int
+    truncated: bool
+    incomplete_call: int | None
+
+    def feed(self, text: str) -> ToolParse: ...
+
+    def finish(self) -> ToolParse: ...
 
 
 @dataclass
