@@ -200,6 +200,9 @@ REPLAN_NEAR = 24
 # The plan is written once the tokens left are at most its length plus this.
 WIND_UP_SLACK = 1
 PLAN_LIMIT = 1024
+# Start the forward pass of the step before waiting for the previous token (module docstring).
+OVERLAP_FORWARD = True
+
 # A schema that cannot be closed in the budget: the last this many tokens are narrowed to the
 # most closing ones allowed (the answer is cut off all the same, but as short as it can be).
 LATE_WINDOW = 16
@@ -284,7 +287,8 @@ class GrammarProcessor:
         self._generated += 1
         if self._matcher is None and self._trigger is None:
             return logits
-        mx.async_eval(logits)  # the forward pass runs while the matcher catches up
+        if OVERLAP_FORWARD:
+            mx.async_eval(logits)  # the forward pass runs while the matcher catches up
         token = int(tokens[-1].item())  # type: ignore[arg-type]
         if self._matcher is None:
             self._watch(token)
@@ -325,7 +329,8 @@ class GrammarProcessor:
     def _closing(self, allowed: np.ndarray, in_string: bool) -> np.ndarray:
         """The ranks of the ``allowed`` token ids."""
         assert self._ranks is not None
-        return self._ranks[1 if in_string else 0][allowed]
+        ranks: np.ndarray = self._ranks[1 if in_string else 0][allowed]
+        return ranks
 
     def _make_plan(self, limit: int, first: int | None = None) -> list[int] | None:
         """The closing policy's tokens from here (after `first`, when given) through EOS, or

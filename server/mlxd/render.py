@@ -12,7 +12,7 @@ from typing import Any
 from mlxd.chat import ChatRun, Delta, Finish
 from mlxd.errors import EngineFailure, MlxdError
 from mlxd.fold import Folded, fold_choices
-from mlxd.parsers.hermes import ToolCallDelta
+from mlxd.parsers.base import ToolCallDelta
 from mlxd.protocol import dumps, usage_dict
 
 SYSTEM_FINGERPRINT = "mlxd"

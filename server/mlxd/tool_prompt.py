@@ -36,7 +36,7 @@ def template_ignores_tools(tokenizer: Any, model_id: str) -> bool:
         tooled = tokenizer.apply_chat_template(
             probe, tools=[_PROBE_TOOL], tokenize=False, add_generation_prompt=True
         )
-        ignores = plain == tooled
+        ignores = bool(plain == tooled)
     except Exception:  # a template that fails on tools cannot render them either
         ignores = True
     if ignores:

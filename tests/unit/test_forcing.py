@@ -22,10 +22,10 @@ from mlxd.errors import BadRequest
 from mlxd.grammar import GrammarProcessor, compile_grammar, llg_tokenizer
 from mlxd.parsers import HermesToolParser
 from mlxd.parsers.forcing import BanTokens, answer_grammar, calls_grammar, closed, named_tool
-from tools.random_model import VOCABS, ScriptedLogits, build_qwen_tokenizer, qwen3_config
 from mlxd.toolformats import ToolCallFormat
 from mlxd.toolformats.hermes import HERMES
 from mlxd.toolformats.qwen_xml import QWEN_XML
+from tools.random_model import VOCABS, ScriptedLogits, build_qwen_tokenizer, qwen3_config
 
 VOCAB = 32
 WEATHER: Any = {"type": "function", "function": {"name": "get_weather", "parameters": {

@@ -15,10 +15,10 @@ from mlxd import toolformats
 from mlxd.config import ConfigError, parse_models
 from mlxd.grammar import GrammarProcessor, compile_grammar
 from mlxd.parsers.forcing import calls_grammar
-from mlxd.random_model import build_qwen_tokenizer, write_chat_template
 from mlxd.toolformats.hermes import HERMES
 from mlxd.toolformats.qwen_xml import QWEN_XML
 from tests.unit.test_forcing import UNIT, generate, tokenizer
+from tools.random_model import build_qwen_tokenizer, write_chat_template
 
 
 class Rendering:

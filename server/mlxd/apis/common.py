@@ -23,7 +23,7 @@ from mlxd.api import read_json_object, validation_error
 from mlxd.chat import ChatRun, Delta
 from mlxd.errors import BadRequest, EngineFailure, MlxdError
 from mlxd.fold import Call
-from mlxd.parsers.hermes import ToolCallDelta
+from mlxd.parsers.base import ToolCallDelta
 from mlxd.protocol import ChatRequest
 from mlxd.state import AppState
 

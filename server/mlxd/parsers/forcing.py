@@ -69,7 +69,8 @@ def parameters_of(tool: Mapping[str, Any]) -> dict[str, Any]:
     params = tool["function"].get("parameters")
     if not isinstance(params, dict) or not params:
         return {"type": "object"}
-    return closed(params)
+    closed_params: dict[str, Any] = closed(params)
+    return closed_params
 
 
 def _calls_rules(tools: Sequence[Mapping[str, Any]], fmt: ToolCallFormat, parallel: bool) -> str:
