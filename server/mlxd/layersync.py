@@ -13,8 +13,11 @@ Evaluating each layer's output before the next layer is built bounds the chunk's
 to one layer's buffers (plus the hidden state and the KV cache), the same every run, so the
 calibration measures it once and the estimate holds. It costs one synchronisation per layer and
 chunk: a few milliseconds against a chunk that computes for hundreds (``make bench`` shows prefill
-speed side by side). Decode steps (one token per sequence) are left alone: their buffers are small
-and their pipelining is what makes decode fast.
+speed side by side). Decode steps (one token per sequence) are left alone, their buffers are small
+and their pipelining is what makes decode fast, except the step at which a layer's KV cache grows
+(every 256 tokens: mlx-lm concatenates the old buffer with a new block): evaluated layer by layer
+too, only one layer's old buffer is held beside the new ones. Left lazy, the same H200 run held
+two to three layers' old buffers at once at 8K-32K tokens, above the estimate's one.
 """
 
 from __future__ import annotations
@@ -48,10 +51,27 @@ def _synced(cls: type) -> type:
     def __call__(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
         import mlx.core as mx
 
-        out = cls.__call__(self, x, *args, **kwargs)
         shape: tuple[int, ...] = tuple(getattr(x, "shape", ()))
-        if len(shape) >= 2 and shape[1] >= MIN_PREFILL_TOKENS:
+        tokens = shape[1] if len(shape) >= 2 else 0
+        grows = any(_grows(a, tokens) for a in (*args, *kwargs.values()))
+        out = cls.__call__(self, x, *args, **kwargs)
+        if tokens >= MIN_PREFILL_TOKENS or grows:
             mx.eval(out)
         return out
 
     return type(cls.__name__, (cls,), {"__call__": __call__, "_mlxd_synced": True})
+
+
+def _grows(cache: Any, tokens: int) -> bool:
+    """Whether adding ``tokens`` makes mlx-lm's (batch) KV ``cache`` allocate a bigger buffer
+    beside its old one (the growth rule of ``KVCache`` / ``BatchKVCache.update_and_fetch``)."""
+    from mlx_lm.models.cache import BatchKVCache, KVCache
+
+    if type(cache) is KVCache:
+        position = cache.offset
+    elif type(cache) is BatchKVCache:
+        position = cache._idx
+    else:
+        return False
+    keys = cache.keys
+    return keys is not None and position + tokens > keys.shape[2]

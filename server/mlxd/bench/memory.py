@@ -122,11 +122,13 @@ def estimates(
     from mlx_lm.utils import load_model
 
     from mlxd.backend import preload_blas
+    from mlxd.layersync import sync_prefill_layers
 
     preload_blas()
     profile = ModelProfile.from_dir(model_dir)
     context = profile.architecture.context_length or 4096
     model, _ = load_model(model_dir)
+    sync_prefill_layers(model)  # as the engine runs it
     calibration = calibrate_in_process(model, model_dir, profile, home, chunk, context)
     print(f"calibration: {calibration.describe()}", flush=True)
     backend: Any = _backend()
