@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from enum import Enum
 
 from mlxd.errors import ContextLengthExceeded, InsufficientMemory, MlxdError, Overloaded
-from mlxd.memory import PressureLevel, format_size
+from mlxd.memory.pressure import PressureLevel
+from mlxd.memory.sizes import format_size
 from mlxd.settings import DEFAULT_QUEUE_SIZE
 
 
@@ -64,9 +65,9 @@ class Resident:
 class State:
     """How things stand when the request arrives.
 
-    ``budget`` is :attr:`server.memory.MemoryBudget.limit`. ``headroom`` is what can be
-    allocated right now without swapping: :meth:`server.memory.MemoryBudget.headroom` less
-    the part of running requests' reservations they have not allocated yet.
+    ``budget`` is :attr:`mlxd.memory.budget.MemoryBudget.limit`. ``headroom`` is what can
+    be allocated right now without swapping: :meth:`mlxd.memory.budget.MemoryBudget.headroom`
+    less the part of running requests' reservations they have not allocated yet.
     """
 
     budget: int

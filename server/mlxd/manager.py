@@ -39,7 +39,7 @@ from mlxd.admission import Decision, DecisionKind, Need, Resident, State, decide
 from mlxd.config import ModelEntry
 from mlxd.engine import Engine, LoadedModel
 from mlxd.errors import MlxdError, ModelLoadFailed, Overloaded
-from mlxd.memory import format_size
+from mlxd.memory.sizes import format_size
 from mlxd.registry import Registry
 from mlxd.settings import DEFAULT_MAX_CONCURRENCY, DEFAULT_QUEUE_SIZE
 

@@ -15,7 +15,7 @@ from mlxd.config import GGUFSource, HubSource, ModelEntry, PyPISource
 from mlxd.errors import BadRequest, InsufficientMemory, ModelNotFound
 from mlxd.estimate import estimate_request
 from mlxd.gate import MemoryGate
-from mlxd.memory import format_size
+from mlxd.memory.sizes import format_size
 from mlxd.protocol import ChatRequest
 from mlxd.registry import Registry
 

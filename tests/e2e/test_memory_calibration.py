@@ -22,7 +22,7 @@ import yaml
 from mlxd.bench.runner import PromptBook
 from mlxd.calibrate import CalibrationStore, Calibrator, measure
 from mlxd.estimate import ModelProfile, estimate_request, measure_loaded
-from mlxd.memory import format_size
+from mlxd.memory.sizes import format_size
 from tests.conftest import RunningServer, run_server
 from tools.random_model import build_random_qwen3
 

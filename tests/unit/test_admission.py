@@ -11,7 +11,8 @@ import pytest
 from mlxd.admission import Decision, DecisionKind, Need, Reason, Resident, State, decide
 from mlxd.errors import ContextLengthExceeded, InsufficientMemory, Overloaded
 from mlxd.estimate import ModelProfile, estimate_request
-from mlxd.memory import GIB, MIB, PressureLevel
+from mlxd.memory.pressure import PressureLevel
+from mlxd.memory.sizes import GIB, MIB
 
 BUDGET = 12 * GIB
 

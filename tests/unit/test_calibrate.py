@@ -33,7 +33,8 @@ from mlxd.config import ModelEntry, PathSource
 from mlxd.engine import LoadedModel
 from mlxd.estimate import ModelProfile, WorkingMemory, estimate_request, prior_working_memory
 from mlxd.gate import MemoryGate
-from mlxd.memory import MemoryBudget, MemorySnapshot, MlxMemory
+from mlxd.memory.budget import MemoryBudget
+from mlxd.memory.snapshot import MemorySnapshot, MlxMemory
 from tests.fakes import tiny_model_dir
 
 MB = 1 << 20

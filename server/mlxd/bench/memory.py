@@ -42,7 +42,7 @@ from mlxd.bench.targets import SpawnedServer, read_stream
 from mlxd.calibrate import Calibration, CalibrationStore, Calibrator, measure
 from mlxd.estimate import ModelProfile, estimate_request, measure_loaded
 from mlxd.localnet import free_port
-from mlxd.memory import format_size, parse_size
+from mlxd.memory.sizes import format_size, parse_size
 
 GB = 1e9
 
@@ -96,7 +96,7 @@ def calibrate_in_process(
     import mlx.core as mx
 
     from mlxd.backend import backend_info
-    from mlxd.memory import take_snapshot
+    from mlxd.memory.probe import take_snapshot
 
     async def run(fn: Any) -> Any:
         return fn(model)
