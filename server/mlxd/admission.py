@@ -1,7 +1,7 @@
 """Whether a request may run now, decided from numbers alone.
 
 `decide` is a pure function: given what the request needs (`Need`, from
-:func:`server.estimate.estimate_request`) and how things stand (`State`: the budget, what the
+:func:`mlxd.estimate.request.estimate_request`) and how things stand (`State`: the budget, what the
 machine can still give, the resident model, pressure, the queue), it answers
 
 - ``join``: the model is resident and the sequence fits beside the running batch (its KV cache

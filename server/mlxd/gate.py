@@ -1,7 +1,7 @@
 """Memory admission wired to the running server.
 
 :func:`server.admission.decide` is pure; this module feeds it. It turns a prepared request into
-a ``Need`` (weights from the safetensors headers, KV cache simulated by :mod:`server.estimate`,
+a ``Need`` (weights from the safetensors headers, KV cache simulated by :mod:`mlxd.estimate`,
 working memory as :mod:`server.calibrate` measured it on this backend), reads the machine
 (:mod:`mlxd.memory`) and the manager's record of the resident model and its batch to build
 the ``State``, and returns the decision to the model manager, which carries it out. A monitor
@@ -27,7 +27,8 @@ from mlxd.admission import Decision, DecisionKind, Need, Reason, Resident, State
 from mlxd.calibrate import PRIOR_LINE, Calibrator
 from mlxd.config import ModelEntry
 from mlxd.engine import LoadedModel
-from mlxd.estimate import Estimate, ModelProfile, WorkingMemory, estimate_request
+from mlxd.estimate.request import Estimate, ModelProfile, estimate_request
+from mlxd.estimate.working import WorkingMemory
 from mlxd.memory.budget import MemoryBudget, mlx_memory_limit
 from mlxd.memory.pressure import PressureLevel, PressureReading, PressureThresholds, assess_pressure
 from mlxd.memory.probe import take_snapshot

@@ -31,7 +31,8 @@ from mlxd.calibrate import (
 )
 from mlxd.config import ModelEntry, PathSource
 from mlxd.engine import LoadedModel
-from mlxd.estimate import ModelProfile, WorkingMemory, estimate_request, prior_working_memory
+from mlxd.estimate.request import ModelProfile, estimate_request
+from mlxd.estimate.working import WorkingMemory, prior_working_memory
 from mlxd.gate import MemoryGate
 from mlxd.memory.budget import MemoryBudget
 from mlxd.memory.snapshot import MemorySnapshot, MlxMemory

@@ -37,10 +37,11 @@ from typing import Any
 
 import httpx
 
+from mlxd.bench.measure import measure_loaded
 from mlxd.bench.runner import PromptBook
 from mlxd.bench.targets import SpawnedServer, read_stream
 from mlxd.calibrate import Calibration, CalibrationStore, Calibrator, measure
-from mlxd.estimate import ModelProfile, estimate_request, measure_loaded
+from mlxd.estimate.request import ModelProfile, estimate_request
 from mlxd.localnet import free_port
 from mlxd.memory.sizes import format_size, parse_size
 
