@@ -39,10 +39,10 @@ from mlxd.apis.completions import build_prompt, fim_style
 from mlxd.chat import ChatRun, Finish, context_limit
 from mlxd.config import ModelEntry, parse_duration
 from mlxd.errors import BadRequest, MlxdError
+from mlxd.estimate.files import read_config
 from mlxd.fold import Call, fold
 from mlxd.manager import KeepAlive
 from mlxd.protocol import ChatRequest, dumps
-from mlxd.registry import read_config
 from mlxd.state import AppState
 
 # The Ollama release whose API this follows; clients gate features (tools, think) on it.

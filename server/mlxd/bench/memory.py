@@ -41,6 +41,7 @@ from mlxd.bench.measure import measure_loaded
 from mlxd.bench.runner import PromptBook
 from mlxd.bench.targets import SpawnedServer, read_stream
 from mlxd.calibrate import Calibration, CalibrationStore, Calibrator, measure
+from mlxd.estimate.files import read_config
 from mlxd.estimate.request import ModelProfile, estimate_request
 from mlxd.localnet import free_port
 from mlxd.memory.sizes import format_size, parse_size
@@ -169,7 +170,7 @@ def stress(
     the server's calibration line and the estimate error it saw (``/health``)."""
     from mlx_lm.utils import load_tokenizer
 
-    config = json.loads((model_dir / "config.json").read_text())
+    config = read_config(model_dir)
     book = PromptBook(load_tokenizer(model_dir, eos_token_ids=config.get("eos_token_id")))
     name = model_dir.resolve().name
     cfg = out / "models.json"

@@ -115,13 +115,15 @@ def model_tensors(
     return tensors
 
 
-def read_config(model_dir: Path) -> dict[str, Any]:
+def read_config(model_dir: Path, model_id: str | None = None) -> dict[str, Any]:
+    """A model directory's ``config.json``; errors name ``model_id`` when it is given."""
+    who = f"model {model_id!r}: " if model_id is not None else ""
     try:
-        config = json.loads((model_dir / "config.json").read_text())
+        config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise ModelLoadFailed(f"cannot read {model_dir / 'config.json'}: {exc}") from exc
+        raise ModelLoadFailed(f"{who}cannot read {model_dir / 'config.json'}: {exc}") from exc
     if not isinstance(config, dict):
-        raise ModelLoadFailed(f"{model_dir / 'config.json'} is not a JSON object")
+        raise ModelLoadFailed(f"{who}{model_dir / 'config.json'} is not a JSON object")
     return config
 
 
