@@ -50,7 +50,9 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 def banner(settings: Settings, model_id: str, model_dir: Path, calibration: str) -> str:
     from mlxd.backend import backend_info
-    from mlxd.memory import compute_budget, format_size, parse_size, take_snapshot
+    from mlxd.memory.budget import compute_budget
+    from mlxd.memory.probe import take_snapshot
+    from mlxd.memory.sizes import format_size, parse_size
 
     snapshot = take_snapshot()
     override = parse_size(settings.memory_budget) if settings.memory_budget else None
@@ -119,7 +121,9 @@ AVAILABILITY_WORDS = {
 
 def cmd_models(args: argparse.Namespace) -> int:
     from mlxd.gate import MemoryGate
-    from mlxd.memory import compute_budget, format_size, parse_size, take_snapshot
+    from mlxd.memory.budget import compute_budget
+    from mlxd.memory.probe import take_snapshot
+    from mlxd.memory.sizes import format_size, parse_size
     from mlxd.registry import Registry
     from mlxd.router import Router
     from mlxd.sources import ModelSources
@@ -189,7 +193,9 @@ def cmd_import_gguf(args: argparse.Namespace) -> int:
 
 def doctor_report(settings: Settings) -> dict[str, Any]:
     from mlxd.backend import backend_info
-    from mlxd.memory import compute_budget, format_size, take_snapshot
+    from mlxd.memory.budget import compute_budget
+    from mlxd.memory.probe import take_snapshot
+    from mlxd.memory.sizes import format_size
 
     report: dict[str, Any] = {"mlxd": mlxd.__version__, "python": sys.version.split()[0]}
     for dist in ("mlx", "mlx-lm", "mlx-cpu", "mlx-cuda-13", "mlx-metal", "fastapi", "uvicorn"):

@@ -1,7 +1,7 @@
 """Whether a request may run now, decided from numbers alone.
 
 `decide` is a pure function: given what the request needs (`Need`, from
-:func:`server.estimate.estimate_request`) and how things stand (`State`: the budget, what the
+:func:`mlxd.estimate.request.estimate_request`) and how things stand (`State`: the budget, what the
 machine can still give, the resident model, pressure, the queue), it answers
 
 - ``join``: the model is resident and the sequence fits beside the running batch (its KV cache
@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from enum import Enum
 
 from mlxd.errors import ContextLengthExceeded, InsufficientMemory, MlxdError, Overloaded
-from mlxd.memory import PressureLevel, format_size
+from mlxd.memory.pressure import PressureLevel
+from mlxd.memory.sizes import format_size
 from mlxd.settings import DEFAULT_QUEUE_SIZE
 
 
@@ -64,9 +65,9 @@ class Resident:
 class State:
     """How things stand when the request arrives.
 
-    ``budget`` is :attr:`server.memory.MemoryBudget.limit`. ``headroom`` is what can be
-    allocated right now without swapping: :meth:`server.memory.MemoryBudget.headroom` less
-    the part of running requests' reservations they have not allocated yet.
+    ``budget`` is :attr:`mlxd.memory.budget.MemoryBudget.limit`. ``headroom`` is what can
+    be allocated right now without swapping: :meth:`mlxd.memory.budget.MemoryBudget.headroom`
+    less the part of running requests' reservations they have not allocated yet.
     """
 
     budget: int

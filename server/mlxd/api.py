@@ -100,14 +100,14 @@ def validation_error(exc: ValidationError) -> BadRequest:
     return BadRequest(message, param=where or None)
 
 
-def _state(request: Request) -> AppState:
-    state: AppState = request.app.state.mlxd
+def _state(http: Request) -> AppState:
+    state: AppState = http.app.state.mlxd
     return state
 
 
-async def read_json_object(request: Request) -> dict[str, Any]:
+async def read_json_object(http: Request) -> dict[str, Any]:
     """The request body as a JSON object (every API's routes read their bodies through this)."""
-    body = await request.body()
+    body = await http.body()
     try:
         data: Any = json.loads(body)
     except RecursionError:
@@ -120,8 +120,8 @@ async def read_json_object(request: Request) -> dict[str, Any]:
     return data
 
 
-async def parse_chat_request(request: Request) -> ChatRequest:
-    data = await read_json_object(request)
+async def parse_chat_request(http: Request) -> ChatRequest:
+    data = await read_json_object(http)
     try:
         return ChatRequest.model_validate(data)
     except ValidationError as exc:
@@ -143,14 +143,14 @@ def sse_response(
     )
 
 
-def check_model_changes(request: Request, chat: ChatRequest, entry: ModelEntry) -> None:
+def check_model_changes(http: Request, chat: ChatRequest, entry: ModelEntry) -> None:
     """Unloading (``keep_alive: 0``) and downloading a model are for trusted callers only.
 
     Trusted: a request with a valid API key, or, when no keys are configured, a local client
     that is not a web page (no ``Origin``). A page allowed by ``--cors-origins`` may chat but
     not unload the model or start a multi-GB download.
     """
-    if caller_of(request.scope).trusted:
+    if caller_of(http.scope).trusted:
         return
     try:
         unloads = chat.keep_alive is not None and parse_duration(chat.keep_alive) == 0
@@ -161,7 +161,7 @@ def check_model_changes(request: Request, chat: ChatRequest, entry: ModelEntry) 
             "keep_alive: 0 unloads the model; only a client with an API key may do that",
             param="keep_alive",
         )
-    if not _state(request).registry.is_present(entry):
+    if not _state(http).registry.is_present(entry):
         raise Forbidden(
             f"model {entry.id!r} is not downloaded yet; a web page cannot start the download "
             "(run `mlxd pull`, or send the request with an API key)",
@@ -169,11 +169,11 @@ def check_model_changes(request: Request, chat: ChatRequest, entry: ModelEntry) 
         )
 
 
-async def until_disconnected(request: Request, run: ChatRun, reply: Awaitable[T]) -> T | None:
+async def until_disconnected(http: Request, run: ChatRun, reply: Awaitable[T]) -> T | None:
     """The folded ``reply`` to ``run``, or None if the client went away first (the run is
     cancelled within one token, so nobody's GPU time goes to an answer no one will read)."""
     task = asyncio.ensure_future(reply)
-    gone = asyncio.ensure_future(_disconnected(request))
+    gone = asyncio.ensure_future(_disconnected(http))
     try:
         await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
     except BaseException:
@@ -189,49 +189,47 @@ async def until_disconnected(request: Request, run: ChatRun, reply: Awaitable[T]
     return None
 
 
-async def _disconnected(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
+async def _disconnected(http: Request) -> None:
+    while (await http.receive())["type"] != "http.disconnect":
         pass
 
 
-def refuse_if_draining(request: Request) -> None:
-    if _state(request).draining:
+def refuse_if_draining(http: Request) -> None:
+    if _state(http).draining:
         raise ShuttingDown("the server is shutting down; retry shortly")
 
 
-async def start_run(
-    request: Request, chat_request: ChatRequest, entry: ModelEntry, **options: Any
-) -> ChatRun:
+async def start_run(http: Request, chat: ChatRequest, entry: ModelEntry, **options: Any) -> ChatRun:
     """Admit one generation, whichever API asked: the caller's rights, the in-flight limit,
     then the chat service (``options`` go to :meth:`ChatService.start`)."""
-    state = _state(request)
-    refuse_if_draining(request)
-    check_model_changes(request, chat_request, entry)
+    state = _state(http)
+    refuse_if_draining(http)
+    check_model_changes(http, chat, entry)
     slot = state.inflight.enter()
     service: ChatService = state.chat
     try:
-        run = await service.start(chat_request, entry, **options)
+        run = await service.start(chat, entry, **options)
     except BaseException:
         slot.release()
         raise
     run.on_close(slot.release)
-    if request.client is not None:
-        run.client = f"{request.client.host}:{request.client.port}"
+    if http.client is not None:
+        run.client = f"{http.client.host}:{http.client.port}"
     return run
 
 
 @router.post("/v1/chat/completions")
-async def chat_completions(request: Request) -> Response:
-    state = _state(request)
-    refuse_if_draining(request)
-    chat_request = await parse_chat_request(request)
-    entry = state.router.pick(chat_request)
-    run = await start_run(request, chat_request, entry)
+async def chat_completions(http: Request) -> Response:
+    state = _state(http)
+    refuse_if_draining(http)
+    chat = await parse_chat_request(http)
+    entry = state.router.pick(chat)
+    run = await start_run(http, chat, entry)
     headers = {"x-mlxd-model": run.model}
-    if chat_request.stream:
-        events = sse_events(run, chat_request.include_usage)
+    if chat.stream:
+        events = sse_events(run, chat.include_usage)
         return sse_response(events, run, state.settings.sse_ping_seconds, headers)
-    body = await until_disconnected(request, run, completion(run))
+    body = await until_disconnected(http, run, completion(run))
     if body is None:
         return Response(status_code=499)  # nobody is listening; nginx's "client closed"
     if run.cause == "shutdown":
@@ -244,20 +242,20 @@ async def chat_completions(request: Request) -> Response:
 
 
 @router.get("/v1/models")
-async def list_models(request: Request) -> dict[str, Any]:
-    state = _state(request)
+async def list_models(http: Request) -> dict[str, Any]:
+    state = _state(http)
     return {"object": "list", "data": [state.describe_model(e) for e in state.registry.entries]}
 
 
 @router.get("/v1/models/{model_id:path}")
-async def get_model(request: Request, model_id: str) -> dict[str, Any]:
-    state = _state(request)
+async def get_model(http: Request, model_id: str) -> dict[str, Any]:
+    state = _state(http)
     return state.describe_model(state.registry.get(model_id))
 
 
 @router.api_route("/health", methods=["GET", "HEAD"])
-async def health(request: Request) -> dict[str, Any]:
-    return await _state(request).health()
+async def health(http: Request) -> dict[str, Any]:
+    return await _state(http).health()
 
 
 def error_response(exc: MlxdError, status: int | None = None) -> Response:

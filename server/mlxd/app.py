@@ -25,7 +25,7 @@ from mlxd.gate import MemoryGate, PressureMonitor
 from mlxd.guard import Guard, check_exposure
 from mlxd.limits import InflightLimit, RequestLimits
 from mlxd.manager import ModelManager
-from mlxd.memory import PressureReading
+from mlxd.memory.pressure import PressureReading
 from mlxd.metrics import Metrics, MetricsMiddleware
 from mlxd.registry import Registry
 from mlxd.router import Router
@@ -40,14 +40,16 @@ EngineFactory = Callable[[Settings], Engine]
 
 
 def default_engine(settings: Settings) -> Engine:
-    from mlxd.memory import parse_size
+    from mlxd.memory.sizes import parse_size
 
     size = parse_size(settings.prefix_cache_bytes) if settings.prefix_cache_bytes else 1 << 30
     return MLXEngine(prefix_cache_bytes=size)
 
 
 def build_gate(settings: Settings, engine: Engine) -> MemoryGate:
-    from mlxd.memory import compute_budget, parse_size, take_snapshot
+    from mlxd.memory.budget import compute_budget
+    from mlxd.memory.probe import take_snapshot
+    from mlxd.memory.sizes import parse_size
 
     try:
         override = parse_size(settings.memory_budget) if settings.memory_budget else None
@@ -142,7 +144,8 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         # MLX's limit is a ceiling above the budget (at the budget it throttles admitted work:
-        # see server.memory.mlx_memory_limit); on Metal the wired limit keeps the model resident.
+        # see mlxd.memory.budget.mlx_memory_limit); on Metal the wired limit keeps the model
+        # resident.
         await engine.set_limits(state.gate.mlx_limit, state.gate.budget.limit)
         monitor.start()
         if settings.preload:

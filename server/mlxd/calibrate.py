@@ -12,10 +12,10 @@ hand-written model was low by up to 53 %. So after a model loads and warms up, m
 - a few decode steps at two context depths, greedy and sampled;
 
 reading ``mx.get_peak_memory()`` above ``mx.get_active_memory()`` before each, and fits the
-terms of :class:`server.estimate.WorkingMemory` so that the fit covers every sample. The result
-is stored as JSON under ``MLXD_HOME/calibration``, keyed by what changes it (model fingerprint,
-backend, MLX version, activation dtype, ``kv_bits``, ``max_kv_size``, prefill chunk), and
-reused on later starts.
+terms of :class:`mlxd.estimate.working.WorkingMemory` so that the fit covers every sample. The
+result is stored as JSON under ``MLXD_HOME/calibration``, keyed by what changes it (model
+fingerprint, backend, MLX version, activation dtype, ``kv_bits``, ``max_kv_size``, prefill
+chunk), and reused on later starts.
 
 Online, every request's measured peak is compared with its estimate (`Calibrator.observe`):
 one that exceeds its estimate raises the terms of the phase that peaked (never lowers them),
@@ -38,15 +38,10 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from mlxd.estimate import (
-    KV_STEP,
-    Estimate,
-    ModelProfile,
-    WorkingMemory,
-    kv_bytes,
-    prior_working_memory,
-    weight_files,
-)
+from mlxd.estimate.files import weight_files
+from mlxd.estimate.kv import KV_STEP, kv_bytes
+from mlxd.estimate.request import Estimate, ModelProfile
+from mlxd.estimate.working import WorkingMemory, prior_working_memory
 
 log = logging.getLogger("mlxd.calibrate")
 
@@ -128,7 +123,7 @@ def plan_for(backend: str, prefill_chunk: int, context: int) -> Plan:
 
     Chunks are measured at the sizes serving uses (the full chunk, and smaller ones for the
     last chunk of a prompt). A GPU measures the full chunk deep too: there the work of a
-    chunk is not linear in the depth (see `server.estimate.WorkingMemory`) and a sample costs
+    chunk is not linear in the depth (see `mlxd.estimate.working.WorkingMemory`) and a sample costs
     one chunk of compute. The CPU keeps to a shallow depth: a deep sample there costs minutes,
     and its work grows linearly with the depth (within 2 %, bench/results).
     """

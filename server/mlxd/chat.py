@@ -127,19 +127,19 @@ class ChatRun:
         self.model = prepared.entry.id
         self._engine = engine
         self._stack = exit_stack
-        self.requests = [self._request(i) for i in range(prepared.n)]
+        self.generations = [self._generation(i) for i in range(prepared.n)]
         self.first_token_at: float | None = None
         self.started_at = time.perf_counter()
         self.client = "-"  # who asked (address:port), for the log line
         # Why the run was ended early, if it was: client_disconnected, shutdown, memory_pressure.
         self.cause: str | None = None
         self._logged = False
-        self._usages = [Usage(len(prepared.prompt), 0, 0) for _ in self.requests]
+        self._usages = [Usage(len(prepared.prompt), 0, 0) for _ in self.generations]
         self.peak_bytes = 0  # MLX's peak while it ran (from the engine's final chunks)
         self.tokens_generated = 0
         self.ended_detail: str | None = None  # why the server ended it early, if it did
 
-    def _request(self, index: int) -> GenerationRequest:
+    def _generation(self, index: int) -> GenerationRequest:
         p = self.prepared
         sampling = p.sampling
         if index and sampling.seed is not None:  # seeded choices differ from one another
@@ -184,9 +184,9 @@ class ChatRun:
         """End the generation within one token; ``reason`` becomes its finish reason."""
         if cause is not None and self.cause is None:
             self.cause = cause
-        for request in self.requests:
-            request.cancel_reason = reason
-            request.cancel.set()
+        for generation in self.generations:
+            generation.cancel_reason = reason
+            generation.cancel.set()
 
     def end_early(self, detail: str) -> None:
         """The server ends it (memory pressure): ``finish_reason`` "length", ``detail`` why."""
@@ -198,8 +198,8 @@ class ChatRun:
         self._stack.callback(callback)
 
     async def aclose(self) -> None:
-        for request in self.requests:
-            request.cancel.set()
+        for generation in self.generations:
+            generation.cancel.set()
         await self._stack.aclose()
 
     async def events(self) -> AsyncIterator[Delta | Finish]:
@@ -213,7 +213,7 @@ class ChatRun:
             async for event in self._choices():
                 if isinstance(event, Finish):
                     finished.append(event)
-                    if len(finished) == len(self.requests):
+                    if len(finished) == len(self.generations):
                         self._log(dataclasses.replace(event, usage=self._usage()))
                 yield event
         except (GeneratorExit, asyncio.CancelledError):
@@ -238,7 +238,7 @@ class ChatRun:
         return Usage(first.prompt_tokens, completion, first.cached_tokens)
 
     async def _choices(self) -> AsyncIterator[Delta | Finish]:
-        if len(self.requests) == 1:
+        if len(self.generations) == 1:
             async for event in self._choice(0):
                 yield event
             return
@@ -255,7 +255,7 @@ class ChatRun:
             finally:
                 await queue.put(None)
 
-        tasks = [asyncio.create_task(pump(i)) for i in range(len(self.requests))]
+        tasks = [asyncio.create_task(pump(i)) for i in range(len(self.generations))]
         try:
             running = len(tasks)
             while running:
@@ -273,7 +273,7 @@ class ChatRun:
 
     async def _choice(self, index: int) -> AsyncIterator[Delta | Finish]:
         p = self.prepared
-        request = self.requests[index]
+        generation = self.generations[index]
         stops = StopMatcher(p.stops)
         think = ThinkSplitter(start_in_reasoning=p.starts_in_reasoning) if p.think else None
         tools = p.tool_parser() if p.tool_parser is not None else None
@@ -299,7 +299,7 @@ class ChatRun:
 
         finish_reason = "stop"
         stop_sequence: str | None = None
-        async for chunk in self._engine.generate(request):
+        async for chunk in self._engine.generate(generation):
             if self.first_token_at is None:
                 self.first_token_at = time.perf_counter()
             self._usages[index] = Usage(
@@ -316,13 +316,13 @@ class ChatRun:
             if delta:
                 yield delta
             if matched.stopped:
-                request.cancel_reason = "stop"
-                request.cancel.set()
+                generation.cancel_reason = "stop"
+                generation.cancel.set()
                 finish_reason, stop_sequence = "stop", matched.stop
                 break
             if tools is not None and tools.call_count and not p.parallel_tool_calls:
-                request.cancel_reason = "stop"  # parallel_tool_calls=false: one call, then stop
-                request.cancel.set()
+                generation.cancel_reason = "stop"  # parallel_tool_calls=false: one call, then stop
+                generation.cancel.set()
                 finish_reason = "stop"
                 break
             if chunk.finish_reason is not None:

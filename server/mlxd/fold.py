@@ -63,7 +63,7 @@ class _Choice:
 async def fold_choices(run: ChatRun) -> list[Folded]:
     """Every choice of ``run`` (``n`` of them), in index order. Calls the parser announced and
     then found malformed are left out (their text is in ``content``)."""
-    choices = [_Choice() for _ in run.requests]
+    choices = [_Choice() for _ in run.generations]
     try:
         async for event in run.events():
             if isinstance(event, Finish):

@@ -1,9 +1,9 @@
 """Memory admission wired to the running server.
 
 :func:`server.admission.decide` is pure; this module feeds it. It turns a prepared request into
-a ``Need`` (weights from the safetensors headers, KV cache simulated by :mod:`server.estimate`,
+a ``Need`` (weights from the safetensors headers, KV cache simulated by :mod:`mlxd.estimate`,
 working memory as :mod:`server.calibrate` measured it on this backend), reads the machine
-(:mod:`server.memory`) and the manager's record of the resident model and its batch to build
+(:mod:`mlxd.memory`) and the manager's record of the resident model and its batch to build
 the ``State``, and returns the decision to the model manager, which carries it out. A monitor
 task re-reads memory every few seconds while the server runs and reacts to what admission
 cannot see (other programs, OS pressure, swap growth, MLX beyond the estimates): stop
@@ -27,18 +27,13 @@ from mlxd.admission import Decision, DecisionKind, Need, Reason, Resident, State
 from mlxd.calibrate import PRIOR_LINE, Calibrator
 from mlxd.config import ModelEntry
 from mlxd.engine import LoadedModel
-from mlxd.estimate import Estimate, ModelProfile, WorkingMemory, estimate_request
-from mlxd.memory import (
-    MemoryBudget,
-    MemorySnapshot,
-    PressureLevel,
-    PressureReading,
-    PressureThresholds,
-    assess_pressure,
-    format_size,
-    mlx_memory_limit,
-    take_snapshot,
-)
+from mlxd.estimate.request import Estimate, ModelProfile, estimate_request
+from mlxd.estimate.working import WorkingMemory
+from mlxd.memory.budget import MemoryBudget, mlx_memory_limit
+from mlxd.memory.pressure import PressureLevel, PressureReading, PressureThresholds, assess_pressure
+from mlxd.memory.probe import take_snapshot
+from mlxd.memory.sizes import format_size
+from mlxd.memory.snapshot import MemorySnapshot
 
 log = logging.getLogger("mlxd.gate")
 
@@ -221,8 +216,8 @@ class MemoryGate:
     # ---- decisions -------------------------------------------------------------------------------
 
     def counted(self, snapshot: MemorySnapshot, resident: Resident | None) -> int:
-        """What admission counted for mlxd now (see `server.memory.assess_pressure`): the
-        resident weights, the running sequences' reservations and the prefix cache."""
+        """What admission counted for mlxd now (see `mlxd.memory.pressure.assess_pressure`):
+        the resident weights, the running sequences' reservations and the prefix cache."""
         counted = self.prefix_cache_bytes()
         if resident is not None:
             counted += resident.weights + resident.reserved
@@ -340,9 +335,9 @@ class Action(str, Enum):
 
 def respond(level: PressureLevel, paused: bool, red_streak: int) -> Action:
     """The one policy: admitted work is never ended for memory its estimate counted (the
-    readings only see what admission cannot: see `server.memory.assess_pressure`); when the
-    machine runs short anyway, mlxd first stops admitting, then evicts the prefix cache, and
-    only if the next reading is still red ends the newest request, one per reading."""
+    readings only see what admission cannot: see `mlxd.memory.pressure.assess_pressure`);
+    when the machine runs short anyway, mlxd first stops admitting, then evicts the prefix
+    cache, and only if the next reading is still red ends the newest request, one per reading."""
     if level is PressureLevel.GREEN:
         return Action.RESUME if paused else Action.NONE
     if level is PressureLevel.YELLOW:

@@ -16,7 +16,7 @@ loaded once for all its waiters. Alternating clients therefore cost one swap per
 per request, and no model starves.
 
 What happens to a waiter is :func:`server.admission.decide`'s answer (join / wait / swap /
-swap after drain / reject), asked through the memory ``Gate`` when there is one; the manager
+swap after drain / reject), asked through the `MemoryGate` when there is one; the manager
 only carries it out. The resident model and the sequences running on it are recorded in one
 place, :class:`Residency`, and a sequence's memory reservation exists only while it runs:
 nothing in the queue reserves memory.
@@ -33,15 +33,18 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from mlxd.admission import Decision, DecisionKind, Need, Resident, State, decide
 from mlxd.config import ModelEntry
 from mlxd.engine import Engine, LoadedModel
 from mlxd.errors import MlxdError, ModelLoadFailed, Overloaded
-from mlxd.memory import format_size
+from mlxd.memory.sizes import format_size
 from mlxd.registry import Registry
 from mlxd.settings import DEFAULT_MAX_CONCURRENCY, DEFAULT_QUEUE_SIZE
+
+if TYPE_CHECKING:
+    from mlxd.gate import MemoryGate
 
 log = logging.getLogger("mlxd.manager")
 
@@ -69,26 +72,6 @@ class Lease:
     path: Path
     loaded: LoadedModel
     flight: Flight | None = None  # the sequence's place in the batch (None: preload)
-
-
-class Gate(Protocol):
-    """Memory admission as seen by the manager (see ``server.gate``)."""
-
-    def decide(self, entry: ModelEntry, need: Any, resident: Resident | None) -> Decision:
-        """The admission decision for one waiter; ``need`` is what ``acquire`` was given."""
-        ...
-
-    def loaded(self, entry: ModelEntry, info: LoadedModel) -> int:
-        """A model was loaded; returns the weights admission counts for it."""
-        ...
-
-    async def calibrate(
-        self, entry: ModelEntry, path: Path, resident: Callable[[], Resident | None]
-    ) -> None:
-        """After a load, before admitting: measure (or reuse) the model's working memory."""
-        ...
-
-    def unloaded(self, entry: ModelEntry) -> None: ...
 
 
 @dataclass
@@ -156,7 +139,7 @@ class ModelManager:
         queue_size: int = DEFAULT_QUEUE_SIZE,
         queue_timeout: float = 300.0,
         default_keep_alive: float | None = None,
-        gate: Gate | None = None,
+        gate: MemoryGate | None = None,
         prewarm: bool = True,
         max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
     ) -> None:

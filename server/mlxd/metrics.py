@@ -27,7 +27,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from mlxd import __version__
-from mlxd.memory import PressureLevel
+from mlxd.memory.pressure import PressureLevel
 from mlxd.observe import RequestRecord, api_of, current_api
 
 if TYPE_CHECKING:

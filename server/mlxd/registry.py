@@ -15,6 +15,7 @@ from typing import Any
 
 from mlxd.config import ModelEntry, ModelsFile
 from mlxd.errors import ModelLoadFailed, ModelNotFound
+from mlxd.estimate.files import read_config
 from mlxd.sources import ModelSources
 
 log = logging.getLogger("mlxd.registry")
@@ -101,18 +102,6 @@ class Registry:
             cached = read_config(await self.prepare(entry), entry.id)
             self._configs[entry.id] = cached
         return cached
-
-
-def read_config(path: Path, model_id: str) -> dict[str, Any]:
-    try:
-        data = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ModelLoadFailed(
-            f"model {model_id!r}: cannot read {path / 'config.json'}: {exc}"
-        ) from None
-    if not isinstance(data, dict):
-        raise ModelLoadFailed(f"model {model_id!r}: {path / 'config.json'} is not an object")
-    return data
 
 
 def load_tokenizer(path: Path, model_id: str) -> Any:

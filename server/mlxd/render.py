@@ -104,13 +104,13 @@ async def sse_events(run: ChatRun, include_usage: bool) -> AsyncIterator[str]:
     writer = ChunkWriter(run)
     finishes: list[Finish] = []
     try:
-        for index in range(len(run.requests)):
+        for index in range(len(run.generations)):
             yield writer.choice({"role": "assistant", "content": ""}, index=index)
         async for event in run.events():
             if isinstance(event, Finish):
                 finishes.append(event)
                 yield writer.choice({}, event.reason, event.index, detail=event.detail)
-                if include_usage and len(finishes) == len(run.requests):
+                if include_usage and len(finishes) == len(run.generations):
                     yield writer.usage(finishes)
             else:
                 for frame in writer.delta(event):

@@ -13,9 +13,9 @@ from typing import Literal
 
 from mlxd.config import GGUFSource, HubSource, ModelEntry, PyPISource
 from mlxd.errors import BadRequest, InsufficientMemory, ModelNotFound
-from mlxd.estimate import estimate_request
+from mlxd.estimate.request import estimate_request
 from mlxd.gate import MemoryGate
-from mlxd.memory import format_size
+from mlxd.memory.sizes import format_size
 from mlxd.protocol import ChatRequest
 from mlxd.registry import Registry
 

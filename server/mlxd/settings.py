@@ -237,7 +237,7 @@ def _parse(option: Option, raw: str, source: str) -> Any:
         if option.kind == "list":
             return tuple(item.strip() for item in raw.split(",") if item.strip())
         if option.kind == "size":
-            from mlxd.memory import parse_size
+            from mlxd.memory.sizes import parse_size
 
             return parse_size(raw)
         if option.kind == "path":

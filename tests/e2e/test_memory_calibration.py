@@ -19,10 +19,11 @@ import httpx
 import pytest
 import yaml
 
+from mlxd.bench.measure import measure_loaded
 from mlxd.bench.runner import PromptBook
 from mlxd.calibrate import CalibrationStore, Calibrator, measure
-from mlxd.estimate import ModelProfile, estimate_request, measure_loaded
-from mlxd.memory import format_size
+from mlxd.estimate.request import ModelProfile, estimate_request
+from mlxd.memory.sizes import format_size
 from tests.conftest import RunningServer, run_server
 from tools.random_model import build_random_qwen3
 

@@ -18,8 +18,8 @@ import openai
 import pytest
 import yaml
 
-from mlxd.estimate import weights_bytes
-from mlxd.memory import format_size
+from mlxd.estimate.files import weights_bytes
+from mlxd.memory.sizes import format_size
 from tests.conftest import RunningServer, run_server
 from tools.random_model import build_random_qwen3
 

@@ -10,8 +10,9 @@ import pytest
 
 from mlxd.admission import Decision, DecisionKind, Need, Reason, Resident, State, decide
 from mlxd.errors import ContextLengthExceeded, InsufficientMemory, Overloaded
-from mlxd.estimate import ModelProfile, estimate_request
-from mlxd.memory import GIB, MIB, PressureLevel
+from mlxd.estimate.request import ModelProfile, estimate_request
+from mlxd.memory.pressure import PressureLevel
+from mlxd.memory.sizes import GIB, MIB
 
 BUDGET = 12 * GIB
 
@@ -246,7 +247,7 @@ def test_a_joining_sequence_pays_for_the_batch_cache_padding(
 def test_calibrated_working_memory_changes_the_decision() -> None:
     """The estimate decide() sees is the calibrated one: a request the prior lets join waits
     once calibration measured more working memory than the prior assumed."""
-    from mlxd.estimate import WorkingMemory, prior_working_memory
+    from mlxd.estimate.working import WorkingMemory, prior_working_memory
 
     cfg = json.loads(
         (Path(__file__).parents[1] / "fixtures" / "configs" / "qwen3-8b.json").read_text()

@@ -31,9 +31,11 @@ from mlxd.calibrate import (
 )
 from mlxd.config import ModelEntry, PathSource
 from mlxd.engine import LoadedModel
-from mlxd.estimate import ModelProfile, WorkingMemory, estimate_request, prior_working_memory
+from mlxd.estimate.request import ModelProfile, estimate_request
+from mlxd.estimate.working import WorkingMemory, prior_working_memory
 from mlxd.gate import MemoryGate
-from mlxd.memory import MemoryBudget, MemorySnapshot, MlxMemory
+from mlxd.memory.budget import MemoryBudget
+from mlxd.memory.snapshot import MemorySnapshot, MlxMemory
 from tests.fakes import tiny_model_dir
 
 MB = 1 << 20

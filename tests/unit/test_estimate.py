@@ -12,20 +12,15 @@ from typing import Any
 import pytest
 
 from mlxd.errors import ModelLoadFailed
-from mlxd.estimate import (
-    HONOURS_MAX_KV_SIZE,
-    Architecture,
-    LayerKind,
-    ModelProfile,
+from mlxd.estimate.architecture import HONOURS_MAX_KV_SIZE, Architecture, LayerKind
+from mlxd.estimate.files import (
     TensorInfo,
     activation_dtype_bytes,
-    estimate_request,
-    kv_bytes,
-    kv_bytes_per_token,
-    kv_element_bytes,
     read_safetensors_header,
     weights_bytes,
 )
+from mlxd.estimate.kv import kv_bytes, kv_bytes_per_token, kv_element_bytes
+from mlxd.estimate.request import ModelProfile, estimate_request
 
 CONFIGS = Path(__file__).parents[1] / "fixtures" / "configs"
 GIB = 1024**3

@@ -15,7 +15,9 @@ from mlxd.config import ModelEntry, PathSource
 from mlxd.engine import LoadedModel
 from mlxd.errors import InsufficientMemory
 from mlxd.gate import Action, MemoryGate, PressureMonitor, RequestNeed, respond
-from mlxd.memory import MemoryBudget, MemorySnapshot, MlxMemory, PressureLevel, PressureReading
+from mlxd.memory.budget import MemoryBudget
+from mlxd.memory.pressure import PressureLevel, PressureReading
+from mlxd.memory.snapshot import MemorySnapshot, MlxMemory
 from tests.fakes import FakeEngine
 
 pytestmark = pytest.mark.anyio

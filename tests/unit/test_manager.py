@@ -14,7 +14,7 @@ from mlxd.config import ModelEntry, parse_models
 from mlxd.engine import LoadedModel
 from mlxd.errors import ModelLoadFailed, Overloaded
 from mlxd.manager import KeepAlive, ModelManager, ModelState
-from mlxd.memory import GIB
+from mlxd.memory.sizes import GIB
 from mlxd.registry import Registry
 from mlxd.sources import ModelSources
 from tests.fakes import FakeEngine

@@ -10,39 +10,30 @@ from pathlib import Path
 
 import pytest
 
-from mlxd.memory import (
-    GIB,
-    KIB,
-    MACOS_SYSCTL_COMMAND,
-    MACOS_VM_STAT_COMMAND,
-    MIB,
-    InvalidSizeError,
-    MemoryBudget,
+from mlxd.memory.budget import MemoryBudget, compute_budget, mlx_memory_limit
+from mlxd.memory.parse import (
     MemoryProbeError,
-    MemorySnapshot,
-    MlxMemory,
-    OsPressure,
-    PressureLevel,
-    PressureThresholds,
-    assess_pressure,
-    compute_budget,
-    format_size,
-    linux_snapshot,
     macos_snapshot,
-    mlx_memory_limit,
     parse_cgroup_limit,
     parse_device_info,
     parse_meminfo,
     parse_proc_cgroup,
     parse_psi,
-    parse_size,
     parse_swapusage,
     parse_vm_stat,
+)
+from mlxd.memory.pressure import PressureLevel, PressureThresholds, assess_pressure
+from mlxd.memory.probe import (
+    MACOS_SYSCTL_COMMAND,
+    MACOS_VM_STAT_COMMAND,
+    linux_snapshot,
     run_command,
     take_linux_snapshot,
     take_macos_snapshot,
     take_snapshot,
 )
+from mlxd.memory.sizes import GIB, KIB, MIB, InvalidSizeError, format_size, parse_size
+from mlxd.memory.snapshot import MemorySnapshot, MlxMemory, OsPressure
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "memory"
 

@@ -381,26 +381,26 @@ def stream(run: ChatRun, msg_id: str) -> AsyncIterator[dict[str, str]]:
 
 
 @router.post("/v1/messages")
-async def create_message(request: Request) -> Response:
-    state = app_state(request)
-    req = await parse_body(request, MessagesRequest)
+async def create_message(http: Request) -> Response:
+    state = app_state(http)
+    req = await parse_body(http, MessagesRequest)
     if req.max_tokens is None:
         raise BadRequest("max_tokens: Field required", param="max_tokens")
     chat = to_chat_request(req)
-    run = await start_run(request, chat, state.router.pick(chat), cap_max_tokens=True)
+    run = await start_run(http, chat, state.router.pick(chat), cap_max_tokens=True)
     msg_id = message_id()
     headers = {"x-mlxd-model": run.model, "request-id": msg_id}
     if req.stream:
         return sse_response(stream(run, msg_id), run, state.settings.sse_ping_seconds, headers)
-    body = await until_disconnected(request, run, message(run, msg_id))
+    body = await until_disconnected(http, run, message(run, msg_id))
     if body is None:
         return Response(status_code=499)  # the client is gone
     return JSONResponse(body, headers=headers)
 
 
 @router.post("/v1/messages/count_tokens")
-async def count_tokens(request: Request) -> dict[str, int]:
-    state = app_state(request)
-    chat = to_chat_request(await parse_body(request, MessagesRequest))
+async def count_tokens(http: Request) -> dict[str, int]:
+    state = app_state(http)
+    chat = to_chat_request(await parse_body(http, MessagesRequest))
     prepared = await state.chat.prepare(chat, state.router.pick(chat), cap_max_tokens=True)
     return {"input_tokens": len(prepared.prompt)}

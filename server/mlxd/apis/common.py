@@ -34,13 +34,13 @@ T = TypeVar("T")
 ErrorBody = Callable[[MlxdError], dict[str, Any]]
 
 
-def app_state(request: Request) -> AppState:
-    state: AppState = request.app.state.mlxd
+def app_state(http: Request) -> AppState:
+    state: AppState = http.app.state.mlxd
     return state
 
 
-async def parse_body(request: Request, model: type[M]) -> M:
-    data = await read_json_object(request)
+async def parse_body(http: Request, model: type[M]) -> M:
+    data = await read_json_object(http)
     try:
         return model.model_validate(data)
     except ValidationError as exc:
@@ -66,9 +66,9 @@ def error_route(render: ErrorBody) -> type[APIRoute]:
         def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
             handler = super().get_route_handler()
 
-            async def shaped(request: Request) -> Response:
+            async def shaped(http: Request) -> Response:
                 try:
-                    return await handler(request)
+                    return await handler(http)
                 except MlxdError as exc:
                     if exc.status_code >= 500:
                         log.error("%s: %s", type(exc).__name__, exc.message)

@@ -273,7 +273,7 @@ async def completion(run: ChatRun, echo: str) -> dict[str, Any]:
 
 async def _chunks(run: ChatRun, echo: str, include_usage: bool) -> AsyncIterator[str]:
     env = Envelope(run)
-    n = len(run.requests)
+    n = len(run.generations)
     if echo:
         for i in range(n):
             yield dumps(env.body([_choice(echo, None, i)]))
@@ -303,21 +303,21 @@ async def stream(run: ChatRun, echo: str, include_usage: bool) -> AsyncIterator[
 
 
 @router.post("/v1/completions")
-async def create_completion(request: Request) -> Response:
-    state = app_state(request)
-    req = await parse_body(request, CompletionRequest)
+async def create_completion(http: Request) -> Response:
+    state = app_state(http)
+    req = await parse_body(http, CompletionRequest)
     prompt = req.single_prompt()
     entry = state.router.pick_name(req.model)
     tokenizer = await state.registry.tokenizer(entry)
     ids, stops = build_prompt(tokenizer, entry.id, prompt, req.suffix)
     chat = to_chat_request(req, stops)
-    run = await start_run(request, chat, entry, raw_prompt=ids)
+    run = await start_run(http, chat, entry, raw_prompt=ids)
     echo = "" if not req.echo else prompt if isinstance(prompt, str) else tokenizer.decode(prompt)
     headers = {"x-mlxd-model": run.model}
     if req.stream:
         events = stream(run, echo, chat.include_usage)
         return sse_response(events, run, state.settings.sse_ping_seconds, headers)
-    body = await until_disconnected(request, run, completion(run, echo))
+    body = await until_disconnected(http, run, completion(run, echo))
     if body is None:
         return Response(status_code=499)  # the client is gone
     return JSONResponse(body, headers=headers)

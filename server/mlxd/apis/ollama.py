@@ -39,10 +39,10 @@ from mlxd.apis.completions import build_prompt, fim_style
 from mlxd.chat import ChatRun, Finish, context_limit
 from mlxd.config import ModelEntry, parse_duration
 from mlxd.errors import BadRequest, MlxdError
+from mlxd.estimate.files import read_config
 from mlxd.fold import Call, fold
 from mlxd.manager import KeepAlive
 from mlxd.protocol import ChatRequest, dumps
-from mlxd.registry import read_config
 from mlxd.state import AppState
 
 # The Ollama release whose API this follows; clients gate features (tools, think) on it.
@@ -271,12 +271,12 @@ def ndjson(reply: Reply) -> AsyncIterator[str]:
     return guarded(reply.run, _lines(reply), lambda exc: dumps(error_body(exc)) + "\n")
 
 
-async def answer(request: Request, reply: Reply, stream: bool) -> Response:
+async def answer(http: Request, reply: Reply, stream: bool) -> Response:
     if stream:
         return StreamingResponse(
             ndjson(reply), media_type=NDJSON, background=BackgroundTask(reply.run.aclose)
         )
-    folded = await until_disconnected(request, reply.run, fold(reply.run))
+    folded = await until_disconnected(http, reply.run, fold(reply.run))
     if folded is None:
         return Response(status_code=499)  # the client is gone
     return JSONResponse(
@@ -286,13 +286,13 @@ async def answer(request: Request, reply: Reply, stream: bool) -> Response:
     )
 
 
-async def load_or_unload(request: Request, body: Common, chat: bool) -> Response:
+async def load_or_unload(http: Request, body: Common, is_chat: bool) -> Response:
     """Ollama's way to (un)load: a request with nothing to generate (the same rights apply as
     for a generation: unloading or a first download needs a trusted caller)."""
-    state = app_state(request)
-    refuse_if_draining(request)
+    state = app_state(http)
+    refuse_if_draining(http)
     entry = state.router.pick_name(local_name(body.model))
-    check_model_changes(request, to_chat_request(body, [{"role": "user", "content": ""}]), entry)
+    check_model_changes(http, to_chat_request(body, [{"role": "user", "content": ""}]), entry)
     try:
         seconds = parse_duration(body.keep_alive) if body.keep_alive is not None else None
     except ValueError as exc:
@@ -307,7 +307,7 @@ async def load_or_unload(request: Request, body: Common, chat: bool) -> Response
             pass
         reason = "load"
     out: dict[str, Any] = {"model": body.model, "created_at": timestamp()}
-    if chat:
+    if is_chat:
         out["message"] = {"role": "assistant", "content": ""}
     else:
         out["response"] = ""
@@ -316,22 +316,22 @@ async def load_or_unload(request: Request, body: Common, chat: bool) -> Response
 
 
 @router.post("/api/chat")
-async def chat(request: Request) -> Response:
+async def chat(http: Request) -> Response:
     t0 = time.perf_counter()
-    state = app_state(request)
-    body = await parse_body(request, ChatBody)
+    state = app_state(http)
+    body = await parse_body(http, ChatBody)
     if not body.messages:
-        return await load_or_unload(request, body, chat=True)
-    req = to_chat_request(body, messages_of(body))
-    run = await start_run(request, req, state.router.pick(req), cap_max_tokens=True)
-    return await answer(request, Reply(body.model, run, True, t0), body.stream)
+        return await load_or_unload(http, body, is_chat=True)
+    chat = to_chat_request(body, messages_of(body))
+    run = await start_run(http, chat, state.router.pick(chat), cap_max_tokens=True)
+    return await answer(http, Reply(body.model, run, True, t0), body.stream)
 
 
 @router.post("/api/generate")
-async def generate(request: Request) -> Response:
+async def generate(http: Request) -> Response:
     t0 = time.perf_counter()
-    state = app_state(request)
-    body = await parse_body(request, GenerateBody)
+    state = app_state(http)
+    body = await parse_body(http, GenerateBody)
     if body.images:
         raise BadRequest("images are not supported", param="images")
     if body.template:
@@ -343,21 +343,21 @@ async def generate(request: Request) -> Response:
             "'context' is not supported; send the conversation to /api/chat", param="context"
         )
     if not body.prompt and body.suffix is None:
-        return await load_or_unload(request, body, chat=False)
+        return await load_or_unload(http, body, is_chat=False)
     if body.raw or body.suffix is not None:
-        req = to_chat_request(body, [{"role": "user", "content": ""}])
-        entry = state.router.pick(req)
+        chat = to_chat_request(body, [{"role": "user", "content": ""}])
+        entry = state.router.pick(chat)
         tokenizer = await state.registry.tokenizer(entry)
         ids, stops = build_prompt(tokenizer, entry.id, body.prompt, body.suffix)
         if stops:
-            req = req.model_copy(update={"stop": req.stop_list + stops})
-        run = await start_run(request, req, entry, raw_prompt=ids, cap_max_tokens=True)
+            chat = chat.model_copy(update={"stop": chat.stop_list + stops})
+        run = await start_run(http, chat, entry, raw_prompt=ids, cap_max_tokens=True)
     else:
         messages = [{"role": "system", "content": body.system}] if body.system else []
         messages.append({"role": "user", "content": body.prompt})
-        req = to_chat_request(body, messages)
-        run = await start_run(request, req, state.router.pick(req), cap_max_tokens=True)
-    return await answer(request, Reply(body.model, run, False, t0), body.stream)
+        chat = to_chat_request(body, messages)
+        run = await start_run(http, chat, state.router.pick(chat), cap_max_tokens=True)
+    return await answer(http, Reply(body.model, run, False, t0), body.stream)
 
 
 def _digest(entry: ModelEntry) -> str:
@@ -409,14 +409,14 @@ def model_item(state: AppState, entry: ModelEntry) -> dict[str, Any]:
 
 
 @router.get("/api/tags")
-async def tags(request: Request) -> dict[str, Any]:
-    state = app_state(request)
+async def tags(http: Request) -> dict[str, Any]:
+    state = app_state(http)
     return {"models": [model_item(state, e) for e in state.registry.entries]}
 
 
 @router.get("/api/ps")
-async def ps(request: Request) -> dict[str, Any]:
-    state = app_state(request)
+async def ps(http: Request) -> dict[str, Any]:
+    state = app_state(http)
     entry, loaded = state.manager.resident, state.manager.loaded
     if entry is None or loaded is None:
         return {"models": []}
@@ -435,9 +435,9 @@ async def ps(request: Request) -> dict[str, Any]:
 
 
 @router.post("/api/show")
-async def show(request: Request) -> dict[str, Any]:
-    state = app_state(request)
-    body = await parse_body(request, ShowBody)
+async def show(http: Request) -> dict[str, Any]:
+    state = app_state(http)
+    body = await parse_body(http, ShowBody)
     name = body.model or body.name
     if not name:
         raise BadRequest("model: Field required", param="model")

@@ -500,16 +500,16 @@ def stream(
     return guarded(shape.run, _events(events, remember), error)
 
 
-def _store(request: Request) -> ResponseStore:
-    store: ResponseStore = request.app.state.mlxd_responses
+def _store(http: Request) -> ResponseStore:
+    store: ResponseStore = http.app.state.mlxd_responses
     return store
 
 
 @router.post("/v1/responses")
-async def create_response(request: Request) -> Response:
-    state = app_state(request)
-    store = _store(request)
-    req = await parse_body(request, ResponsesRequest)
+async def create_response(http: Request) -> Response:
+    state = app_state(http)
+    store = _store(http)
+    req = await parse_body(http, ResponsesRequest)
     history: list[dict[str, Any]] = []
     if req.previous_response_id:
         history = store.get(req.previous_response_id, "previous_response_id").messages
@@ -522,13 +522,13 @@ async def create_response(request: Request) -> Response:
         if req.store:
             store.put(Stored(body, turn + reply_messages(body["output"])))
 
-    run = await start_run(request, chat, state.router.pick(chat))
+    run = await start_run(http, chat, state.router.pick(chat))
     shape = Shape(req, run)
     headers = {"x-mlxd-model": run.model}
     if req.stream:
         events = stream(shape, remember)
         return sse_response(events, run, state.settings.sse_ping_seconds, headers)
-    folded = await until_disconnected(request, run, fold(run))
+    folded = await until_disconnected(http, run, fold(run))
     if folded is None:
         return Response(status_code=499)  # the client is gone
     body = shape.finished(folded.finish, output_items(folded, shape.opaque))
@@ -537,5 +537,5 @@ async def create_response(request: Request) -> Response:
 
 
 @router.get("/v1/responses/{response_id}")
-async def get_response(request: Request, response_id: str) -> dict[str, Any]:
-    return _store(request).get(response_id).response
+async def get_response(http: Request, response_id: str) -> dict[str, Any]:
+    return _store(http).get(response_id).response

@@ -25,6 +25,7 @@ from mlxd.bench.report import BASELINE, plot, render_markdown, summarize, write_
 from mlxd.bench.runner import ALL_SCENARIOS, FULL, QUICK, Plan, PromptBook
 from mlxd.bench.session import Session, TargetSpec
 from mlxd.bench.targets import BenchError
+from mlxd.estimate.files import read_config
 
 MLX_LM_COMMAND = "{python} -m mlx_lm.server --model {model_dir} --port {port}"
 MLXD_COMMAND = "{python} -m mlxd serve --config {config} --port {port} --preload"
@@ -254,7 +255,7 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
     meta = collect_meta(args, plan, argv)
     out = args.out or default_out(meta["machine"], summary["name"], args.quick)
     out.mkdir(parents=True, exist_ok=True)
-    config = json.loads((args.model_dir / "config.json").read_text())
+    config = read_config(args.model_dir)
     tokenizer = load_tokenizer(args.model_dir, eos_token_ids=config.get("eos_token_id"))
     session = Session(args, plan, PromptBook(tokenizer), out)
     session.say(f"model {summary['name']} on {meta['backend']}; results in {out}")

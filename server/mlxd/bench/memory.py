@@ -37,12 +37,14 @@ from typing import Any
 
 import httpx
 
+from mlxd.bench.measure import measure_loaded
 from mlxd.bench.runner import PromptBook
 from mlxd.bench.targets import SpawnedServer, read_stream
 from mlxd.calibrate import Calibration, CalibrationStore, Calibrator, measure
-from mlxd.estimate import ModelProfile, estimate_request, measure_loaded
+from mlxd.estimate.files import read_config
+from mlxd.estimate.request import ModelProfile, estimate_request
 from mlxd.localnet import free_port
-from mlxd.memory import format_size, parse_size
+from mlxd.memory.sizes import format_size, parse_size
 
 GB = 1e9
 
@@ -96,7 +98,7 @@ def calibrate_in_process(
     import mlx.core as mx
 
     from mlxd.backend import backend_info
-    from mlxd.memory import take_snapshot
+    from mlxd.memory.probe import take_snapshot
 
     async def run(fn: Any) -> Any:
         return fn(model)
@@ -170,7 +172,7 @@ def stress(
     the server's calibration line and the estimate error it saw (``/health``)."""
     from mlx_lm.utils import load_tokenizer
 
-    config = json.loads((model_dir / "config.json").read_text())
+    config = read_config(model_dir)
     book = PromptBook(load_tokenizer(model_dir, eos_token_ids=config.get("eos_token_id")))
     name = model_dir.resolve().name
     cfg = out / "models.json"

@@ -26,6 +26,7 @@ import psutil
 from mlxd.backend import blas_in_use
 from mlxd.bench.runner import Plan
 from mlxd.bench.targets import BenchError
+from mlxd.estimate.files import read_config
 
 
 def model_summary(
@@ -59,7 +60,7 @@ def read_model_summary(model_dir: Path) -> dict[str, Any]:
     config_path = model_dir / "config.json"
     if not config_path.is_file():
         raise BenchError(f"{model_dir} is not an mlx-lm model directory (no config.json)")
-    config = json.loads(config_path.read_text())
+    config = read_config(model_dir)
     shards = sorted(model_dir.glob("*.safetensors"))
     weights = sum(f.stat().st_size for f in shards)
     dtype = weights_dtype(shards[0]) if shards else None

@@ -34,7 +34,7 @@ _DEFAULT_ALIGNMENT = 32  # where tensor data starts, unless general.alignment sa
 
 
 @dataclass(frozen=True)
-class TensorInfo:
+class GGUFTensor:
     """One entry of a GGUF tensor table; ``shape`` is in MLX/numpy order (rows first).
 
     ``offset`` counts from the start of the file's tensor data section.
@@ -54,7 +54,7 @@ class TensorInfo:
 class GGUFHeader:
     version: int
     metadata: dict[str, Any]
-    tensors: tuple[TensorInfo, ...]
+    tensors: tuple[GGUFTensor, ...]
     data_offset: int  # where the tensor data section starts in the file
     file_size: int
 
@@ -147,7 +147,7 @@ def read_header(path: Path) -> GGUFHeader:
                     dims = reader.unpack(f"<{ndim}Q")
                     ggml_type, offset = reader.unpack("<IQ")
                     # ggml lists dimensions fastest-varying first.
-                    tensors.append(TensorInfo(name, tuple(reversed(dims)), ggml_type, offset))
+                    tensors.append(GGUFTensor(name, tuple(reversed(dims)), ggml_type, offset))
             except (struct.error, ValueError, OverflowError, RecursionError) as e:
                 raise GGUFImportError(f"{path} is truncated or corrupt: {e}") from e
             alignment = metadata.get("general.alignment", _DEFAULT_ALIGNMENT)
