@@ -23,6 +23,7 @@ from mlxd.bench.measure import measure_loaded
 from mlxd.bench.runner import PromptBook
 from mlxd.calibrate import CalibrationStore, Calibrator, measure
 from mlxd.estimate.request import ModelProfile, estimate_request
+from mlxd.layersync import sync_prefill_layers
 from mlxd.memory.sizes import format_size
 from tests.conftest import RunningServer, run_server
 from tools.random_model import build_random_qwen3
@@ -40,6 +41,7 @@ def test_calibrated_estimate_covers_the_measured_peak(tmp_path: Path) -> None:
     model_dir = build_random_qwen3(tmp_path / "qwen", "tiny", cache_dir=tmp_path / "tok")
     profile = ModelProfile.from_dir(model_dir)
     model, _ = load_model(model_dir)
+    sync_prefill_layers(model)  # as the engine runs it
 
     async def run(fn: Any) -> Any:
         return fn(model)

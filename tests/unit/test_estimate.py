@@ -416,7 +416,7 @@ def test_estimate_from_a_directory(tmp_path: Path) -> None:
 
 
 # SmolLM2-135M-Instruct (float32, 538,060,032 bytes of weights), peaks measured with
-# `measure_request` (mlx 0.32.4 CPU, mlx-lm 0.32.2, greedy): prompt, max_tokens, chunk, peak.
+# `measure_loaded` (mlx 0.32.4 CPU, mlx-lm 0.32.2, greedy): prompt, max_tokens, chunk, peak.
 SMOLLM2_MEASURED = [
     (16, 8, 2048, 550_685_180),
     (256, 8, 2048, 563_298_129),

@@ -2,7 +2,7 @@
 
 `WorkingMemory` is measured on the running backend by :mod:`mlxd.calibrate`, or, until
 then, the prior (`prior_working_memory`), which was fitted once on this project's CPU machine
-against ``mx.get_peak_memory()`` (see :func:`mlxd.bench.measure.measure_request` and the
+against ``mx.get_peak_memory()`` (see :func:`mlxd.bench.measure.measure_loaded` and the
 constants below).
 """
 
