@@ -81,7 +81,6 @@ class MemoryGate:
         self.last_reading: PressureReading = assess_pressure(first, budget, self.swap_baseline)
         self.last_snapshot = first
         self._snapshot_at = time.monotonic()
-        self.last_decision: Decision | None = None
         self.paused_by_pressure = False
 
     # ---- estimates -----------------------------------------------------------------------------
@@ -260,19 +259,21 @@ class MemoryGate:
             wanted = self._refreshed(need).need
         else:
             wanted = Need(entry.id, self.weights_estimate(entry, None) or 0, 0, 1, 0)
-        decision = decide(wanted, self.state(resident))
-        self.last_decision = decision
-        if (
+        return decide(wanted, self.state(resident))
+
+    def make_room(self, decision: Decision) -> None:
+        """Carry out the one thing a memory wait can do at once: give back the prefix cache
+        (cached KV of earlier chats)."""
+        if not (
             decision.kind is DecisionKind.WAIT
             and decision.reason in _MEMORY_WAITS
             and self.prefix_cache_bytes() > 0
         ):
-            # Cached KV of earlier chats is the one memory mlxd can give back at once.
-            log.info("evicting the prefix cache to make room")
-            self.evictions += 1
-            self.evict_prefix_cache()
-            self._snapshot_at = float("-inf")
-        return decision
+            return
+        log.info("evicting the prefix cache to make room")
+        self.evictions += 1
+        self.evict_prefix_cache()
+        self._snapshot_at = float("-inf")
 
     def loaded(self, entry: ModelEntry, info: LoadedModel) -> int:
         self._snapshot_at = float("-inf")  # memory just changed: read it again next time

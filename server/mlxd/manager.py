@@ -312,6 +312,8 @@ class ModelManager:
                 self._join(head, decision)
                 self._join_group(head.entry)
             elif kind is DecisionKind.WAIT:
+                if self.gate is not None:
+                    self.gate.make_room(decision)  # decided again when the retry comes
                 log.info("request for %s waits: %s", head.entry.id, decision.message)
                 self._retry_later()  # memory may free up without any event here
                 return

@@ -131,7 +131,10 @@ def test_gate_evicts_prefix_cache_when_memory_is_short() -> None:
     resident = Resident("m", weights)
     need = RequestNeed(Need("m", weights=6 << 30, request=2 << 30, prompt_tokens=10,
                             max_tokens=10), entry)  # fmt: skip
-    assert gate.decide(entry, need, resident).kind is DecisionKind.WAIT
+    waiting = gate.decide(entry, need, resident)
+    assert waiting.kind is DecisionKind.WAIT
+    assert evicted == []  # deciding changes nothing; the manager carries the wait out
+    gate.make_room(waiting)
     assert evicted == [1]
     prefix["bytes"] = 0  # the engine dropped it
     joined = gate.decide(entry, need, resident)

@@ -154,6 +154,9 @@ class BudgetGate:
         wanted = Need(entry.id, GIB, int(need or 0), 10, 10)
         return decide(wanted, State(self.budget, self.budget, resident))
 
+    def make_room(self, decision: Decision) -> None:
+        pass  # no prefix cache to give back
+
     def loaded(self, entry: ModelEntry, info: LoadedModel) -> int:
         return GIB
 
