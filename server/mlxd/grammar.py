@@ -200,9 +200,6 @@ REPLAN_NEAR = 24
 # The plan is written once the tokens left are at most its length plus this.
 WIND_UP_SLACK = 1
 PLAN_LIMIT = 1024
-# Start the forward pass of the step before waiting for the previous token (module docstring).
-OVERLAP_FORWARD = True
-
 # A schema that cannot be closed in the budget: the last this many tokens are narrowed to the
 # most closing ones allowed (the answer is cut off all the same, but as short as it can be).
 LATE_WINDOW = 16
@@ -287,8 +284,7 @@ class GrammarProcessor:
         self._generated += 1
         if self._matcher is None and self._trigger is None:
             return logits
-        if OVERLAP_FORWARD:
-            mx.async_eval(logits)  # the forward pass runs while the matcher catches up
+        mx.async_eval(logits)  # the forward pass runs while the matcher catches up
         token = int(tokens[-1].item())  # type: ignore[arg-type]
         if self._matcher is None:
             self._watch(token)
