@@ -46,32 +46,34 @@ def sync_prefill_layers(model: Any) -> int:
 
 
 def _synced(cls: type) -> type:
-    """A subclass of the layer class ``cls`` whose call evaluates its result during prefill."""
+    """A subclass of the layer class ``cls`` whose call evaluates its result during prefill
+    and when its KV cache grows. Made on the MLX thread at load, so the imports happen once,
+    not in every layer's call of every decode step."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import BatchKVCache, KVCache
+
+    def grows(cache: Any, tokens: int) -> bool:
+        """Whether adding ``tokens`` makes mlx-lm's (batch) KV ``cache`` allocate a bigger
+        buffer beside its old one (the rule of ``KVCache`` / ``BatchKVCache.update_and_fetch``)."""
+        if type(cache) is KVCache:
+            position = cache.offset
+        elif type(cache) is BatchKVCache:
+            position = cache._idx
+        else:
+            return False
+        keys = cache.keys
+        return keys is not None and position + tokens > keys.shape[2]
 
     def __call__(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
-        import mlx.core as mx
-
         shape: tuple[int, ...] = tuple(getattr(x, "shape", ()))
         tokens = shape[1] if len(shape) >= 2 else 0
-        grows = any(_grows(a, tokens) for a in (*args, *kwargs.values()))
+        # Decided before the call: the call itself grows the cache.
+        sync = tokens >= MIN_PREFILL_TOKENS or any(
+            grows(a, tokens) for a in (*args, *kwargs.values())
+        )
         out = cls.__call__(self, x, *args, **kwargs)
-        if tokens >= MIN_PREFILL_TOKENS or grows:
+        if sync:
             mx.eval(out)
         return out
 
     return type(cls.__name__, (cls,), {"__call__": __call__, "_mlxd_synced": True})
-
-
-def _grows(cache: Any, tokens: int) -> bool:
-    """Whether adding ``tokens`` makes mlx-lm's (batch) KV ``cache`` allocate a bigger buffer
-    beside its old one (the growth rule of ``KVCache`` / ``BatchKVCache.update_and_fetch``)."""
-    from mlx_lm.models.cache import BatchKVCache, KVCache
-
-    if type(cache) is KVCache:
-        position = cache.offset
-    elif type(cache) is BatchKVCache:
-        position = cache._idx
-    else:
-        return False
-    keys = cache.keys
-    return keys is not None and position + tokens > keys.shape[2]
