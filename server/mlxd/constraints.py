@@ -57,7 +57,8 @@ def constraint_processors(
         lark = answer_grammar(
             schema, tools=tools, fmt=fmt, parallel=parallel, after_think=think_end is not None
         )
-    if budget is not None:
+    constrained = lark is not None or bool(tools and fmt is not None)
+    if budget is not None and constrained:
         closing_ranks(tokenizer)  # built once per tokenizer (a pass over the vocabulary), here
     factories: list[Callable[[], Any]] = []
     if lark is not None:
