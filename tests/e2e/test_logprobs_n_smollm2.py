@@ -175,16 +175,25 @@ def test_n_choices_share_the_batch_with_other_requests(setup: Any) -> None:
     greedy choices are identical (and their logprobs are the model's), sampled ones differ."""
     client, engine, model_dir = setup
     engine.largest_batch = 0
-    other: dict[str, Any] = {}
+    other: dict[str, Any] = {"text": ""}
+    decoding = threading.Event()
 
     def neighbour() -> None:
-        other["r"] = client.chat.completions.create(
-            model="smollm2", messages=[{"role": "user", "content": "Count to twenty."}],
-            temperature=0, max_tokens=40,
-        )  # fmt: skip
+        # Streamed, so the n=3 requests are sent only once the neighbour is in the batch
+        # (a plain request could finish, or not yet start, before they arrive).
+        for chunk in client.chat.completions.create(
+            model="smollm2", messages=[{"role": "user", "content": "Count to a hundred."}],
+            temperature=0, max_tokens=80, stream=True,
+        ):  # fmt: skip
+            for c in chunk.choices:
+                other["text"] += c.delta.content or ""
+            if other["text"]:
+                decoding.set()
+        decoding.set()
 
     thread = threading.Thread(target=neighbour)
     thread.start()
+    assert decoding.wait(timeout=120)
     greedy = client.chat.completions.create(
         model="smollm2", messages=ASK, temperature=0, max_tokens=12, n=3, logprobs=True
     )
@@ -192,7 +201,7 @@ def test_n_choices_share_the_batch_with_other_requests(setup: Any) -> None:
         model="smollm2", messages=ASK, temperature=1.2, max_tokens=12, n=3
     )
     thread.join()
-    assert other["r"].choices[0].message.content
+    assert other["text"]
     assert engine.largest_batch >= 4  # three choices and the neighbour, stepped together
     assert len({c.message.content for c in greedy.choices}) == 1
     assert len({c.message.content for c in sampled.choices}) == 3
