@@ -28,6 +28,7 @@ import mlx.core as mx
 from mlx_lm.models.cache import TokenBuffer
 from mlx_lm.utils import load_tokenizer
 
+from mlxd.bench.meta import versions
 from mlxd.grammar import GrammarProcessor, compile_grammar, json_grammar
 
 
@@ -83,7 +84,7 @@ def main() -> None:
         back = statistics.median(r[0] for r in runs) * 1000
         rest = statistics.median(r[1] for r in runs) * 1000
         rows.append(f"| {name} | {back:.1f} | {rest:.1f} |")
-    print(f"{mx.default_device()}, mlx {mx.__version__}; a pass of {args.depth} matmuls of "
+    print(f"{mx.default_device()}, mlx {versions()['mlx']}; a pass of {args.depth} matmuls of "
           f"{args.size}²; medians of {args.repeats}\n")  # fmt: skip
     print("| read | call returned after (ms) | pass still needed (ms) |")
     print("|---|---|---|")
