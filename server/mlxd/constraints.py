@@ -57,9 +57,6 @@ def constraint_processors(
         lark = answer_grammar(
             schema, tools=tools, fmt=fmt, parallel=parallel, after_think=think_end is not None
         )
-    constrained = lark is not None or bool(tools and fmt is not None)
-    if budget is not None and constrained:
-        closing_ranks(tokenizer)  # built once per tokenizer (a pass over the vocabulary), here
     factories: list[Callable[[], Any]] = []
     if lark is not None:
         grammar = compile_grammar(tokenizer, lark, param, markers)
@@ -72,4 +69,6 @@ def constraint_processors(
         factories.append(
             lambda: GrammarProcessor(tokenizer, grammar, trigger, rearm=True, budget=budget)
         )
+    if budget is not None and factories:
+        closing_ranks(tokenizer)  # built once per tokenizer (a pass over the vocabulary), here
     return lambda: [make() for make in factories]

@@ -286,9 +286,10 @@ class GrammarProcessor:
             return logits
         mx.async_eval(tokens)  # token n, queued ahead of the forward pass of n+1
         mx.async_eval(logits)  # the forward pass runs while the matcher catches up
-        # Read from the evaluated history, not with ``tokens[-1].item()``: that slice would be a
-        # new op queued behind the forward pass, so it waited for the whole pass (+3 ms a step
-        # on an H200, as the pipelining was lost).
+        # Read from the evaluated history (a view, no copy), not with ``tokens[-1].item()``: that
+        # slice would be a new op queued behind the forward pass, so the read waited for the
+        # whole pass (bench/token_read.py; a processor doing only that added ~3 ms a step on an
+        # H200).
         token = int(np.asarray(tokens).reshape(-1)[-1])
         if self._matcher is None:
             self._watch(token)
